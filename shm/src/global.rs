@@ -1,0 +1,117 @@
+//! A global allocator that serves large allocations from the current thread's arena, so that
+//! any Rust code (Arrow builders and kernels, the Parquet decoder) writes its output buffers
+//! straight into shareable memory.
+//!
+//! ```ignore
+//! #[global_allocator]
+//! static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(4096);
+//!
+//! let arena = quiver_shm::Arena::named("producer");
+//! let batch = arena.scope(|| build_batch());   // its buffers now live in the arena
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use crate::arena::{Arena, ArenaInner};
+use crate::registry;
+
+thread_local! {
+    static SCOPE: Cell<*const ArenaInner> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Routes allocations of at least `threshold` bytes made inside [`Arena::scope`] to that arena,
+/// and everything else to the system allocator.
+#[derive(Debug)]
+pub struct ArenaAlloc {
+    threshold: usize,
+}
+
+impl ArenaAlloc {
+    /// An allocator that sends allocations of `threshold` bytes or more to the scoped arena.
+    pub const fn new(threshold: usize) -> Self {
+        ArenaAlloc { threshold }
+    }
+
+    fn scoped(&self, layout: Layout) -> Option<*const ArenaInner> {
+        if layout.size() < self.threshold || layout.size() == 0 || registry::in_arena() {
+            return None;
+        }
+        let p = SCOPE.try_with(|s| s.get()).ok()?;
+        (!p.is_null()).then_some(p)
+    }
+}
+
+// SAFETY: every pointer returned is either System's or a fresh, suitably aligned arena region of
+// at least layout.size() bytes that stays mapped while its chunk has live allocations; dealloc
+// routes each pointer back to whoever produced it by address.
+unsafe impl GlobalAlloc for ArenaAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if let Some(inner) = self.scoped(layout) {
+            let _g = registry::InArena::enter();
+            // SAFETY: the scope guard holds an Arc to the arena for as long as SCOPE points to it.
+            let inner = unsafe { &*inner };
+            if let Ok((chunk, off)) = inner.alloc_raw(layout.size(), layout.align()) {
+                // SAFETY: off + size lies inside the chunk's mapping.
+                return unsafe { chunk.base().add(off) as *mut u8 };
+            }
+        }
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if !registry::in_arena()
+            && let Some((chunk, off)) = registry::find(ptr, layout.size().max(1))
+        {
+            chunk.release(off, layout.size());
+            return;
+        }
+        // SAFETY: not an arena pointer, so System produced it with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if !registry::in_arena()
+            && let Some((chunk, off)) = registry::find(ptr, layout.size().max(1))
+            && chunk.resize_in_place(off, layout.size(), new_size)
+        {
+            return ptr;
+        }
+        // SAFETY: the new layout is valid (the caller guarantees new_size fits isize with align).
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: forwarded to our own alloc, copy and dealloc, as the default realloc does.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
+    }
+}
+
+/// Restores the previous scope when dropped.
+struct ScopeGuard {
+    prev: *const ArenaInner,
+    _arena: Arc<ArenaInner>,
+}
+
+impl Drop for ScopeGuard {
+    fn drop(&mut self) {
+        SCOPE.with(|s| s.set(self.prev));
+    }
+}
+
+impl Arena {
+    /// Runs `f` with this arena as the target of [`ArenaAlloc`] on the current thread. Without
+    /// `ArenaAlloc` installed as the global allocator this just runs `f`.
+    pub fn scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        let arena = self.inner().clone();
+        let prev = SCOPE.with(|s| s.replace(Arc::as_ptr(&arena)));
+        let _g = ScopeGuard { prev, _arena: arena };
+        f()
+    }
+}

@@ -1,0 +1,88 @@
+//! Process-wide index of live arena chunks by address, so a buffer's pointer tells which
+//! segment holds it (the writer's "reference" way) and which chunk frees it (the global
+//! allocator).
+//!
+//! Lookups run on every deallocation of a process that installs [`crate::ArenaAlloc`], so they
+//! take a read lock only when the address falls within the span of all chunks.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::arena::Chunk;
+
+static CHUNKS: RwLock<Vec<Arc<Chunk>>> = RwLock::new(Vec::new());
+static LOW: AtomicUsize = AtomicUsize::new(usize::MAX);
+static HIGH: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static IN_ARENA: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as inside arena bookkeeping: allocations made meanwhile (by the
+/// registry's own vector, a chunk's name) go to the system allocator and never re-enter the
+/// registry, which would deadlock on its lock.
+pub(crate) struct InArena {
+    prev: bool,
+}
+
+impl InArena {
+    pub(crate) fn enter() -> Self {
+        let prev = IN_ARENA.with(|f| f.replace(true));
+        InArena { prev }
+    }
+}
+
+impl Drop for InArena {
+    fn drop(&mut self) {
+        IN_ARENA.with(|f| f.set(self.prev));
+    }
+}
+
+/// Whether the current thread is inside arena bookkeeping.
+pub(crate) fn in_arena() -> bool {
+    IN_ARENA.try_with(|f| f.get()).unwrap_or(true)
+}
+
+pub(crate) fn insert(chunk: Arc<Chunk>) {
+    let _g = InArena::enter();
+    let (start, end) = chunk.span();
+    let mut v = CHUNKS.write().unwrap_or_else(|e| e.into_inner());
+    let at = v.partition_point(|c| c.span().0 < start);
+    v.insert(at, chunk);
+    LOW.fetch_min(start, Ordering::AcqRel);
+    HIGH.fetch_max(end, Ordering::AcqRel);
+}
+
+pub(crate) fn remove(chunk: &Chunk) {
+    let _g = InArena::enter();
+    let removed = {
+        let mut v = CHUNKS.write().unwrap_or_else(|e| e.into_inner());
+        let start = chunk.span().0;
+        match v.binary_search_by(|c| c.span().0.cmp(&start)) {
+            Ok(i) => Some(v.remove(i)),
+            Err(_) => None,
+        }
+    };
+    // Dropped outside the lock: the chunk's own drop frees memory and must not find it held.
+    drop(removed);
+}
+
+/// The chunk that contains `[ptr, ptr+len)`, with the offset of `ptr` in it.
+pub(crate) fn find(ptr: *const u8, len: usize) -> Option<(Arc<Chunk>, usize)> {
+    let p = ptr as usize;
+    if p < LOW.load(Ordering::Acquire) || p >= HIGH.load(Ordering::Acquire) {
+        return None;
+    }
+    let v = CHUNKS.read().unwrap_or_else(|e| e.into_inner());
+    let i = v.partition_point(|c| c.span().0 <= p);
+    let c = v.get(i.checked_sub(1)?)?;
+    let (start, end) = c.span();
+    let off = p - start;
+    (p.checked_add(len)? <= end).then(|| (c.clone(), off))
+}
+
+/// Number of live chunks in this process (for leak tests and metrics).
+pub fn live_chunks() -> usize {
+    CHUNKS.read().map(|v| v.len()).unwrap_or(0)
+}
