@@ -354,12 +354,14 @@ impl ArenaInner {
         {
             return Ok((c.clone(), off));
         }
+        // Grow the chunk size only when the current chunk filled up, not when it was sealed
+        // for sharing: a producer of many small tables keeps small chunks.
+        if st.current.as_ref().is_some_and(|c| !c.is_sealed()) {
+            st.next_size = (st.next_size * 2).min(self.opts.max_chunk);
+        }
         let want = (size as u64).max(st.next_size);
         let chunk = Chunk::create(&self.opts.name, want, self.opts.map)?;
         st.reserved += chunk.size();
-        if size as u64 <= self.opts.max_chunk {
-            st.next_size = (st.next_size * 2).min(self.opts.max_chunk);
-        }
         let off = chunk.try_alloc(size, align).ok_or(ShmError::Alloc {
             size,
             align,

@@ -11,6 +11,7 @@ pub mod arena;
 pub mod error;
 pub mod global;
 pub mod mapping;
+pub mod pagemap;
 pub mod registry;
 pub mod segment;
 pub mod sipc;
