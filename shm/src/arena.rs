@@ -326,8 +326,8 @@ impl Arena {
         Ok(r)
     }
 
-    /// Bytes reserved by chunks this arena created (a chunk's unused tail is given back when it
-    /// is sealed).
+    /// Bytes reserved by all chunks this arena ever created (cumulative; a chunk's unused tail
+    /// is given back when it is sealed, and a chunk's memory when its last allocation goes).
     pub fn reserved_bytes(&self) -> u64 {
         self.inner.chunks.lock().map(|c| c.reserved).unwrap_or(0)
     }

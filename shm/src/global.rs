@@ -4,7 +4,7 @@
 //!
 //! ```ignore
 //! #[global_allocator]
-//! static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(4096);
+//! static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(64 << 10);
 //!
 //! let arena = quiver_shm::Arena::named("producer");
 //! let batch = arena.scope(|| build_batch());   // its buffers now live in the arena
@@ -21,21 +21,28 @@ thread_local! {
     static SCOPE: Cell<*const ArenaInner> = const { Cell::new(std::ptr::null()) };
 }
 
-/// Routes allocations of at least `threshold` bytes made inside [`Arena::scope`] to that arena,
-/// and everything else to the system allocator.
+/// Routes allocations made inside [`Arena::scope`] to that arena when they are aligned to at
+/// least [`crate::ALIGN`] (every Arrow `MutableBuffer`) or at least `threshold` bytes long (large
+/// `Vec`s that become Arrow buffers); everything else goes to the system allocator.
+///
+/// Small objects (reference counts, vectors of columns) stay on the heap because a chunk turns
+/// read-only once a table in it is written: state that must stay writable after that belongs
+/// outside the scope or below the threshold.
 #[derive(Debug)]
 pub struct ArenaAlloc {
     threshold: usize,
 }
 
 impl ArenaAlloc {
-    /// An allocator that sends allocations of `threshold` bytes or more to the scoped arena.
+    /// An allocator that also sends unaligned allocations of `threshold` bytes or more to the
+    /// scoped arena.
     pub const fn new(threshold: usize) -> Self {
         ArenaAlloc { threshold }
     }
 
     fn scoped(&self, layout: Layout) -> Option<*const ArenaInner> {
-        if layout.size() < self.threshold || layout.size() == 0 || registry::in_arena() {
+        let wanted = layout.align() >= crate::ALIGN || layout.size() >= self.threshold;
+        if !wanted || layout.size() == 0 || registry::in_arena() {
             return None;
         }
         let p = SCOPE.try_with(|s| s.get()).ok()?;

@@ -60,6 +60,12 @@ impl Mapping {
                 .cast::<u8>()
         };
         let map = Mapping { ptr, len, writable: writable.into() };
+        if writable {
+            // A child forked meanwhile (to exec a worker, say) would otherwise hold a writable
+            // view of the segment until it execs, making sealing fail with EBUSY, and could
+            // write into a table being built.
+            map.advise(MmapAdvise::MADV_DONTFORK, "MADV_DONTFORK")?;
+        }
         if opts.hugepage {
             map.advise(MmapAdvise::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use arrow_array::*;
-use arrow_buffer::{Buffer, NullBuffer, OffsetBuffer};
+use arrow_buffer::{Buffer, NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow_data::ArrayDataBuilder;
 use arrow_schema::{DataType, Field, Fields, IntervalUnit, TimeUnit, UnionFields, UnionMode};
 use proptest::prelude::*;
@@ -120,7 +120,7 @@ pub fn array(dt: &DataType, len: usize, rng: &mut Rng) -> ArrayRef {
             match mode {
                 UnionMode::Sparse => {
                     let children = fs.iter().map(|(_, f)| array(f.data_type(), len, rng)).collect();
-                    Arc::new(UnionArray::try_new(fs.clone(), type_ids.into(), None, children).expect("valid union"))
+                    Arc::new(UnionArray::try_new(fs.clone(), scalar(&type_ids), None, children).expect("valid union"))
                 }
                 UnionMode::Dense => {
                     let mut counts = vec![0i32; ids.len()];
@@ -138,7 +138,7 @@ pub fn array(dt: &DataType, len: usize, rng: &mut Rng) -> ArrayRef {
                         .map(|(p, (_, f))| array(f.data_type(), counts[p] as usize, rng))
                         .collect();
                     Arc::new(
-                        UnionArray::try_new(fs.clone(), type_ids.into(), Some(offsets.into()), children)
+                        UnionArray::try_new(fs.clone(), scalar(&type_ids), Some(scalar(&offsets)), children)
                             .expect("valid dense union"),
                     )
                 }
@@ -165,23 +165,32 @@ pub fn array(dt: &DataType, len: usize, rng: &mut Rng) -> ArrayRef {
     }
 }
 
+fn scalar<T: arrow_buffer::ArrowNativeType>(v: &[T]) -> ScalarBuffer<T> {
+    ScalarBuffer::from(Buffer::from_slice_ref(v))
+}
+
 fn key_buffer(k: &DataType, len: usize, n: usize, rng: &mut Rng) -> Buffer {
     let keys = (0..len).map(|_| rng.below(n));
     match k {
-        DataType::Int8 => Buffer::from_vec(keys.map(|x| x as i8).collect::<Vec<_>>()),
-        DataType::Int16 => Buffer::from_vec(keys.map(|x| x as i16).collect::<Vec<_>>()),
-        DataType::Int32 => Buffer::from_vec(keys.map(|x| x as i32).collect::<Vec<_>>()),
-        DataType::UInt8 => Buffer::from_vec(keys.map(|x| x as u8).collect::<Vec<_>>()),
-        DataType::UInt32 => Buffer::from_vec(keys.map(|x| x as u32).collect::<Vec<_>>()),
-        DataType::Int64 => Buffer::from_vec(keys.map(|x| x as i64).collect::<Vec<_>>()),
+        DataType::Int8 => Buffer::from_slice_ref(keys.map(|x| x as i8).collect::<Vec<_>>()),
+        DataType::Int16 => Buffer::from_slice_ref(keys.map(|x| x as i16).collect::<Vec<_>>()),
+        DataType::Int32 => Buffer::from_slice_ref(keys.map(|x| x as i32).collect::<Vec<_>>()),
+        DataType::UInt8 => Buffer::from_slice_ref(keys.map(|x| x as u8).collect::<Vec<_>>()),
+        DataType::UInt32 => Buffer::from_slice_ref(keys.map(|x| x as u32).collect::<Vec<_>>()),
+        DataType::Int64 => Buffer::from_slice_ref(keys.map(|x| x as i64).collect::<Vec<_>>()),
         other => panic!("key type {other}"),
     }
 }
 
 fn offsets<O: arrow_array::OffsetSizeTrait>(rng: &mut Rng, len: usize) -> (OffsetBuffer<O>, usize) {
-    let lens: Vec<usize> = (0..len).map(|_| rng.below(4)).collect();
-    let total = lens.iter().sum();
-    (OffsetBuffer::from_lengths(lens), total)
+    // Built through a MutableBuffer (as Arrow's builders do) rather than a Vec.
+    let mut offs = vec![O::usize_as(0)];
+    let mut total = 0;
+    for _ in 0..len {
+        total += rng.below(4);
+        offs.push(O::usize_as(total));
+    }
+    (OffsetBuffer::new(ScalarBuffer::from(Buffer::from_slice_ref(&offs))), total)
 }
 
 fn opt_strings(rng: &mut Rng, len: usize) -> Vec<Option<String>> {
