@@ -277,11 +277,20 @@ impl Walker<'_> {
             specs.extend((0..n).map(|_| BufferSpec::VariableWidth));
         }
         for s in &specs {
+            let r = self.next_ref()?;
             let align = match s {
-                BufferSpec::FixedWidth { alignment, .. } => *alignment,
+                BufferSpec::FixedWidth { alignment, byte_width } => {
+                    // arrow-data's validation panics on a typed buffer of a ragged length.
+                    if r.length % *byte_width as u64 != 0 {
+                        return Err(ShmError::layout(format!(
+                            "{dt} buffer of {} bytes is not a whole number of {byte_width}-byte values",
+                            r.length
+                        )));
+                    }
+                    *alignment
+                }
                 _ => 1,
             };
-            let r = self.next_ref()?;
             let buf = self.buffer(r, align)?.unwrap_or_else(|| MutableBuffer::new(0).into());
             b = b.add_buffer(buf);
         }
@@ -319,7 +328,7 @@ impl Walker<'_> {
             _ => {}
         }
         if self.validate {
-            let data = b.build()?;
+            let data = build_validated(b)?;
             if let DataType::Union(_, _) = dt {
                 check_union(&data)?;
             }
@@ -392,6 +401,29 @@ impl Walker<'_> {
                 w.finish().map_err(|e| ShmError::layout(format!("dictionary {i}: {e}")))?;
                 self.dicts[i] = DictSlot::Done(value_type.clone(), d.clone());
                 Ok(d)
+            }
+        }
+    }
+}
+
+/// Builds and validates an array. arrow-data's validation is meant to return errors, but a
+/// panic there must not take down a daemon reading an untrusted table, so it becomes an error
+/// too (except under the fuzzer, which is there to find such panics).
+fn build_validated(b: ArrayDataBuilder) -> Result<ArrayData> {
+    #[cfg(fuzzing)]
+    return Ok(b.build()?);
+    #[cfg(not(fuzzing))]
+    {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.build()));
+        match r {
+            Ok(r) => Ok(r?),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown");
+                Err(ShmError::layout(format!("arrow validation panicked: {msg}")))
             }
         }
     }
