@@ -281,7 +281,7 @@ impl Walker<'_> {
             let align = match s {
                 BufferSpec::FixedWidth { alignment, byte_width } => {
                     // arrow-data's validation panics on a typed buffer of a ragged length.
-                    if r.length % *byte_width as u64 != 0 {
+                    if *byte_width != 0 && r.length % *byte_width as u64 != 0 {
                         return Err(ShmError::layout(format!(
                             "{dt} buffer of {} bytes is not a whole number of {byte_width}-byte values",
                             r.length

@@ -52,6 +52,11 @@ impl Peer {
         self.sock.as_ref().expect("open").as_fd()
     }
 
+    /// The parent's end of the socket.
+    pub fn sock_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock()
+    }
+
     /// Sends a table; returns the peer's reply as (bytes, fds).
     pub fn exchange(&self, t: &SipcTable) -> (Vec<u8>, Vec<OwnedFd>) {
         send_table(self.sock(), t).expect("send");
