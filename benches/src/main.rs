@@ -1,1 +1,36 @@
-fn main() {}
+//! quiver's benchmark suite. Each benchmark compares ways of doing one job side by side in one
+//! run and prints a table (or, with `--json`, one JSON object per measurement).
+//!
+//! `cargo run --release -p quiver-bench -- handoff [--rows 1000000,10000000] [--json]`
+
+mod handoff;
+mod proc;
+mod scan;
+mod table;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "quiver-bench", about = "quiver's benchmark suite")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Hand a wide table from one process to another: SIPC, Arrow IPC stream, Arrow IPC file
+    /// in /dev/shm, Parquet on disk.
+    Handoff(handoff::Args),
+    /// The receiving process of `handoff` (started by it, not by hand).
+    #[command(hide = true)]
+    HandoffChild(handoff::ChildArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().bench {
+        Bench::Handoff(a) => handoff::run(a),
+        Bench::HandoffChild(a) => handoff::child(a),
+    }
+}
