@@ -170,7 +170,7 @@ pub fn run(args: Args) -> Result<()> {
         if methods.contains(&Method::SipcHuge) {
             match ShmemThp::enable() {
                 Ok(thp) => {
-                    let huge = MapOptions { huge_align: true, hugepage: true, prefault: false };
+                    let huge = MapOptions { huge_align: true, hugepage: true, ..Default::default() };
                     let r = run_size(rows, &args, &[Method::SipcHuge], huge, &dir);
                     drop(thp);
                     r?;
@@ -470,7 +470,7 @@ pub fn child(args: ChildArgs) -> Result<()> {
             let (desc, fds) = recv(ctl.as_fd(), &RecvLimits::default())?;
             let huge = m == Method::SipcHuge;
             let opts = ReadOptions {
-                map: MapOptions { prefault: m == Method::SipcPrefault, huge_align: huge, hugepage: huge },
+                map: MapOptions { prefault: m == Method::SipcPrefault, huge_align: huge, hugepage: huge, ..Default::default() },
                 background_prefault: m == Method::SipcBgfault,
                 ..Default::default()
             };

@@ -108,10 +108,11 @@ impl Chunk {
 
     /// Bumps out `size` bytes aligned to `align`; `None` if the chunk is full or frozen.
     fn try_alloc(&self, size: usize, align: usize) -> Option<usize> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the state lock, which `seal` holds while it freezes the chunk.
         if self.frozen.load(Ordering::Acquire) {
             return None;
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let start = st.bump.checked_next_multiple_of(align)?;
         let end = start.checked_add(size)?;
         if end > self.map.len() {
@@ -125,10 +126,10 @@ impl Chunk {
     /// Grows or shrinks the allocation at `offset` in place when it is the last one; returns
     /// whether the chunk's free space moved.
     pub(crate) fn resize_in_place(&self, offset: usize, old: usize, new: usize) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if self.frozen.load(Ordering::Acquire) {
             return false;
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if offset + old != st.bump {
             return false;
         }
@@ -175,9 +176,9 @@ impl Chunk {
         if let Some(s) = sealed.as_ref() {
             return s.try_clone();
         }
-        self.frozen.store(true, Ordering::Release);
         let used = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            self.frozen.store(true, Ordering::Release);
             st.bump.next_multiple_of(page_size()) as u64
         };
         if used < self.segment.size() {

@@ -2,12 +2,25 @@
 //! any Rust code (Arrow builders and kernels, the Parquet decoder) writes its output buffers
 //! straight into shareable memory.
 //!
-//! ```ignore
-//! #[global_allocator]
-//! static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(64 << 10);
+//! ```
+//! use std::sync::Arc;
+//! use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+//! use quiver_shm::{Arena, ArenaAlloc, sipc::TableWriter};
 //!
-//! let arena = quiver_shm::Arena::named("producer");
-//! let batch = arena.scope(|| build_batch());   // its buffers now live in the arena
+//! #[global_allocator]
+//! static ALLOC: ArenaAlloc = ArenaAlloc::new(64 << 10);
+//!
+//! fn main() {
+//!     let arena = Arena::named("producer");
+//!     // Plain Arrow code: its buffers land in the arena.
+//!     let batch = arena.scope(|| {
+//!         let col: ArrayRef = Arc::new(Int64Array::from_iter_values(0..100_000));
+//!         RecordBatch::try_from_iter([("x", col)]).unwrap()
+//!     });
+//!     let mut w = TableWriter::new(batch.schema());
+//!     w.write(&batch).unwrap();
+//!     assert_eq!(w.finish().unwrap().stats.bytes_copied, 0);
+//! }
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};

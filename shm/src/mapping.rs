@@ -20,6 +20,9 @@ pub struct MapOptions {
     pub hugepage: bool,
     /// Fault every page in up front (`MADV_POPULATE_READ`, or `_WRITE` for writable maps).
     pub prefault: bool,
+    /// Back the segment with the kernel's reserved pool of 2 MiB pages (`MFD_HUGETLB`) instead
+    /// of ordinary shared memory. Used when creating a segment; an empty pool gives `ENOSPC`.
+    pub hugetlb: bool,
 }
 
 /// A shared mapping of (part of) a segment, unmapped on drop.
@@ -66,7 +69,7 @@ impl Mapping {
             // write into a table being built.
             map.advise(MmapAdvise::MADV_DONTFORK, "MADV_DONTFORK")?;
         }
-        if opts.hugepage {
+        if opts.hugepage && !opts.hugetlb {
             map.advise(MmapAdvise::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
         }
         if opts.prefault {

@@ -30,14 +30,18 @@ impl Segment {
     /// `opts.huge_align`) and reserves all of it, so a full tmpfs or cgroup fails here with
     /// `ENOSPC` instead of a `SIGBUS` at first write.
     pub fn create(name: &str, size: u64, opts: MapOptions) -> Result<Self> {
-        let unit = if opts.huge_align { HUGE_PAGE } else { page_size() } as u64;
+        let unit = if opts.huge_align || opts.hugetlb { HUGE_PAGE } else { page_size() } as u64;
         let size = size.max(1).div_ceil(unit).checked_mul(unit).ok_or(ShmError::Reserve {
             name: name.to_owned(),
             size,
             source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
         })?;
         let cname = CString::new(name.replace('\0', "_")).expect("nul bytes replaced");
-        let fd = memfd_create(cname.as_c_str(), MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+        if opts.hugetlb {
+            flags |= MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB;
+        }
+        let fd = memfd_create(cname.as_c_str(), flags)
             .map_err(|e| ShmError::MemfdCreate { name: name.to_owned(), source: errno(e) })?;
         nix::unistd::ftruncate(&fd, size as i64).map_err(|e| ShmError::Truncate {
             name: name.to_owned(),
