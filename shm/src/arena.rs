@@ -9,7 +9,7 @@
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow_buffer::{ArrowNativeType, Buffer};
@@ -21,8 +21,6 @@ use crate::segment::{SHARED_SEALS, SealedSegment, Segment};
 
 /// Alignment of every arena region, as the Arrow format recommends.
 pub const ALIGN: usize = 64;
-
-static NEXT_CHUNK_ID: AtomicU64 = AtomicU64::new(1);
 
 /// How an arena sizes and maps its chunks.
 #[derive(Debug, Clone)]
@@ -70,7 +68,7 @@ pub struct Chunk {
 impl Chunk {
     fn create(name: &str, size: u64, opts: MapOptions) -> Result<Arc<Chunk>> {
         let _g = InArena::enter();
-        let id = NEXT_CHUNK_ID.fetch_add(1, Ordering::Relaxed);
+        let id = registry::next_id();
         let segment = Segment::create(&format!("{name}.{id}"), size, opts)?;
         let map = segment.map_mut(opts)?;
         let chunk = Arc::new(Chunk {

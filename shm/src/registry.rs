@@ -7,9 +7,10 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 
 use crate::arena::Chunk;
+use crate::sipc::SharedMapping;
 
 static CHUNKS: RwLock<Vec<Arc<Chunk>>> = RwLock::new(Vec::new());
 static LOW: AtomicUsize = AtomicUsize::new(usize::MAX);
@@ -85,4 +86,32 @@ pub(crate) fn find(ptr: *const u8, len: usize) -> Option<(Arc<Chunk>, usize)> {
 /// Number of live chunks in this process (for leak tests and metrics).
 pub fn live_chunks() -> usize {
     CHUNKS.read().map(|v| v.len()).unwrap_or(0)
+}
+
+static MAPPED: RwLock<Vec<Weak<SharedMapping>>> = RwLock::new(Vec::new());
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A process-wide unique id for a shareable segment (arena chunk or received mapping).
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Registers a sealed segment mapped by a reader, so a table that passes its input buffers on
+/// references them instead of copying.
+pub(crate) fn insert_mapped(m: &Arc<SharedMapping>) {
+    let mut v = MAPPED.write().unwrap_or_else(|e| e.into_inner());
+    v.retain(|w| w.strong_count() > 0);
+    v.push(Arc::downgrade(m));
+}
+
+/// Forgets mappings that are gone (called as one goes away).
+pub(crate) fn prune_mapped() {
+    let mut v = MAPPED.write().unwrap_or_else(|e| e.into_inner());
+    v.retain(|w| w.strong_count() > 0);
+}
+
+/// The received mapping that contains `[ptr, ptr+len)`, with the offset of `ptr` in it.
+pub(crate) fn find_mapped(ptr: *const u8, len: usize) -> Option<(Arc<SharedMapping>, usize)> {
+    let v = MAPPED.read().unwrap_or_else(|e| e.into_inner());
+    v.iter().filter_map(Weak::upgrade).find_map(|m| m.mapping().offset_of(ptr, len).map(|off| (m, off)))
 }

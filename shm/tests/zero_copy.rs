@@ -128,3 +128,26 @@ fn reader_sees_the_writers_physical_frames() {
     assert_eq!(theirs.len(), ours.len());
     assert_eq!(theirs, ours, "writer and reader map the same physical frames");
 }
+
+#[test]
+fn a_table_passed_on_is_referenced_not_copied() {
+    // A function that returns (part of) its input: the columns it passes on already lie in
+    // sealed segments it received, so writing them again references those segments.
+    let arena = Arena::named("pass-on");
+    let mut v = arena.vec::<i64>(10_000).expect("vec");
+    v.extend_from_slice(&(0..10_000).collect::<Vec<i64>>()).expect("fill");
+    let col: ArrayRef = Arc::new(Int64Array::new(ScalarBuffer::from(v.finish()), None));
+    let b = RecordBatch::try_from_iter([("x", col)]).expect("batch");
+    let mut w = TableWriter::new(b.schema());
+    w.write(&b).expect("write");
+    let t = w.finish().expect("finish");
+    let fds = t.segments.iter().map(|s| std::os::fd::AsFd::as_fd(s).try_clone_to_owned().expect("dup")).collect();
+    let read = quiver_shm::sipc::read_table(&t.descriptor, fds, &Default::default()).expect("read");
+    let passed = read.batches[0].slice(100, 5000);
+    let mut w = TableWriter::new(passed.schema());
+    w.write(&passed).expect("write");
+    let again = w.finish().expect("finish");
+    assert_eq!(again.stats.bytes_copied, 0, "{:?}", again.stats);
+    assert_eq!(again.stats.bytes_referenced, 40_000, "just the slice's values, in place");
+    assert_eq!(again.segments[0].size(), t.segments[0].size());
+}

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                     for b in &t.batches {
                         let data = b.column(0).to_data();
                         for buf in data.buffers() {
-                            let inside = t.mappings.iter().any(|m| m.offset_of(buf.as_ptr(), buf.len()).is_some());
+                            let inside = t.mappings.iter().any(|m| m.mapping().offset_of(buf.as_ptr(), buf.len()).is_some());
                             let frames = quiver_shm::pagemap::frames(buf.as_ptr(), buf.len())
                                 .map(|f| f.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))
                                 .unwrap_or_else(|e| format!("error {e}"));

@@ -9,6 +9,7 @@ use crate::arena::{Arena, ArenaOptions, ArenaRegion, Chunk};
 use crate::error::Result;
 use crate::registry;
 use crate::segment::SealedSegment;
+use crate::sipc::SharedMapping;
 
 /// How a buffer became shareable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,6 +78,38 @@ impl Deanonymize for ReferenceArena {
             offset: off as u64,
             copied: 0,
         }))
+    }
+}
+
+/// References buffers that lie in a sealed segment this process received and mapped: a
+/// function that passes its input's columns on hands them over without a copy.
+#[derive(Debug, Default)]
+pub struct ReferenceMapped;
+
+impl Deanonymize for ReferenceMapped {
+    fn way(&self) -> Way {
+        Way::Reference
+    }
+
+    fn place(&mut self, bytes: &[u8], align: usize) -> Result<Option<Placement>> {
+        if !(bytes.as_ptr() as usize).is_multiple_of(align) {
+            return Ok(None);
+        }
+        Ok(registry::find_mapped(bytes.as_ptr(), bytes.len()).map(|(m, off)| Placement {
+            segment: m as Arc<dyn Shareable>,
+            offset: off as u64,
+            copied: 0,
+        }))
+    }
+}
+
+impl Shareable for SharedMapping {
+    fn key(&self) -> u64 {
+        self.id()
+    }
+
+    fn seal(&self) -> Result<SealedSegment> {
+        self.segment().try_clone()
     }
 }
 

@@ -40,7 +40,45 @@ pub struct SipcRead {
     /// The record batches.
     pub batches: Vec<RecordBatch>,
     /// One read-only mapping per segment (kept alive by the batches too).
-    pub mappings: Vec<Arc<Mapping>>,
+    pub mappings: Vec<Arc<SharedMapping>>,
+}
+
+/// A received sealed segment and its read-only mapping: the owner of every buffer read from
+/// it, and a place a writer can reference when the table's buffers are passed on.
+#[derive(Debug)]
+pub struct SharedMapping {
+    id: u64,
+    segment: SealedSegment,
+    map: Mapping,
+}
+
+impl SharedMapping {
+    fn new(segment: SealedSegment, map: Mapping) -> Arc<Self> {
+        let m = Arc::new(SharedMapping { id: crate::registry::next_id(), segment, map });
+        crate::registry::insert_mapped(&m);
+        m
+    }
+
+    /// Process-wide id of this segment.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The read-only mapping.
+    pub fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// The sealed segment.
+    pub fn segment(&self) -> &SealedSegment {
+        &self.segment
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        crate::registry::prune_mapped();
+    }
 }
 
 /// Reads a table, validating everything: the way to read from any process not fully trusted.
@@ -79,14 +117,15 @@ fn read(descriptor: &[u8], fds: Vec<OwnedFd>, opts: &ReadOptions, validate: bool
                 reason: format!("size is {} but the descriptor says {size}", seg.size()),
             });
         }
-        mappings.push(Arc::new(Mapping::new(seg.as_fd(), size as usize, false, opts.map)?));
+        let map = Mapping::new(seg.as_fd(), size as usize, false, opts.map)?;
+        mappings.push(SharedMapping::new(seg, map));
     }
     if opts.background_prefault && !opts.map.prefault {
         let maps = mappings.clone();
         // Best effort: a failure only means the reader takes the faults itself.
         let _ = std::thread::Builder::new().name("sipc-prefault".into()).spawn(move || {
             for m in maps {
-                let _ = m.prefault();
+                let _ = m.mapping().prefault();
             }
         });
     }
@@ -206,7 +245,7 @@ struct Walker<'a> {
     raw: &'a RawDescriptor,
     node: usize,
     buf: usize,
-    mappings: &'a [Arc<Mapping>],
+    mappings: &'a [Arc<SharedMapping>],
     dicts: &'a mut Vec<DictSlot>,
     validate: bool,
 }
@@ -252,7 +291,7 @@ impl Walker<'_> {
         let map = &self.mappings[r.segment as usize];
         // SAFETY: check_references proved offset+length <= the segment size, which is the
         // mapping's length; the segment is sealed, so its size and bytes cannot change.
-        let ptr = unsafe { map.as_ptr().add(r.offset as usize) } as *mut u8;
+        let ptr = unsafe { map.mapping().as_ptr().add(r.offset as usize) } as *mut u8;
         let ptr = NonNull::new(ptr).expect("mapped addresses are non-null");
         // SAFETY: ptr..ptr+length is inside `map`, which the buffer keeps alive as its owner.
         Ok(Some(unsafe { Buffer::from_custom_allocation(ptr, r.length as usize, map.clone()) }))

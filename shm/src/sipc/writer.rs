@@ -10,7 +10,7 @@ use arrow_ipc::convert::IpcSchemaEncoder;
 use arrow_ipc::writer::DictionaryTracker;
 use arrow_schema::{DataType, SchemaRef};
 
-use super::deanon::{CopyToArena, Deanonymize, Placement, ReferenceArena, Shareable, Way};
+use super::deanon::{CopyToArena, Deanonymize, Placement, ReferenceArena, ReferenceMapped, Shareable, Way};
 use super::format::{BufferRef, Node, RawDescriptor, Tree};
 use crate::error::{Result, ShmError};
 use crate::segment::SealedSegment;
@@ -89,9 +89,13 @@ pub struct TableWriter {
 }
 
 impl TableWriter {
-    /// A writer that references arena buffers and copies everything else.
+    /// A writer that references buffers in arena chunks and in received segments, and copies
+    /// everything else.
     pub fn new(schema: SchemaRef) -> Self {
-        Self::with_ways(schema, vec![Box::new(ReferenceArena), Box::new(CopyToArena::new("quiver-copy"))])
+        Self::with_ways(
+            schema,
+            vec![Box::new(ReferenceArena), Box::new(ReferenceMapped), Box::new(CopyToArena::new("quiver-copy"))],
+        )
     }
 
     /// A writer that forces a copy of every buffer (the baseline benchmarks compare against).
