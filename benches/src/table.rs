@@ -81,13 +81,13 @@ pub fn batch(arena: &Arena, base: u64, n: usize) -> Result<RecordBatch> {
     let mut valid = arena.vec::<u8>(n.div_ceil(8))?;
     for (i, b) in valid.spare_mut().iter_mut().enumerate() {
         // Every 17th tip is missing.
-        *b = (0..8).fold(0u8, |acc, bit| acc | (u8::from((base + (i * 8 + bit) as u64) % 17 != 0) << bit));
+        *b = (0..8).fold(0u8, |acc, bit| acc | (u8::from(!(base + (i * 8 + bit) as u64).is_multiple_of(17)) << bit));
     }
     valid.set_len(n.div_ceil(8));
     let nulls = NullBuffer::new(arrow_buffer::BooleanBuffer::new(valid.finish(), 0, n));
     cols.push(Arc::new(Float64Array::new(fill(arena, n, fl(7), base)?, Some(nulls))));
     cols.push(Arc::new(Float64Array::new(fill(arena, n, fl(8), base)?, None)));
-    cols.push(strings(arena, n, base, |r| if mix(r ^ 9) % 20 == 0 { "Y" } else { "N" })?);
+    cols.push(strings(arena, n, base, |r| if mix(r ^ 9).is_multiple_of(20) { "Y" } else { "N" })?);
     cols.push(strings(arena, n, base, |r| ["IT", "FR", "DE", "ES", "US", "GB"][(mix(r ^ 10) % 6) as usize])?);
     for k in 0..FEATURES as u64 {
         cols.push(Arc::new(Float64Array::new(fill(arena, n, fl(100 + k), base)?, None)));

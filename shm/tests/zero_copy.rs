@@ -23,6 +23,15 @@ fn all_buffer_bytes(data: &arrow_data::ArrayData) -> u64 {
     own + nulls + data.child_data().iter().map(all_buffer_bytes).sum::<u64>()
 }
 
+/// Writes a one-column table.
+fn write_column(col: Int64Array) -> quiver_shm::sipc::SipcTable {
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+    let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(col) as ArrayRef]).expect("batch");
+    let mut w = TableWriter::new(schema);
+    w.write(&b).expect("write");
+    w.finish().expect("finish")
+}
+
 #[test]
 fn arena_built_batches_copy_nothing() {
     let arena = Arena::named("zero-copy-test");
@@ -67,11 +76,7 @@ fn arena_vec_builds_columns_in_place() {
         v.push(i * 3).expect("push");
     }
     let col = Int64Array::new(ScalarBuffer::from(v.finish()), None);
-    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-    let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(col) as ArrayRef]).expect("batch");
-    let mut w = TableWriter::new(schema);
-    w.write(&b).expect("write");
-    let t = w.finish().expect("finish");
+    let t = write_column(col);
     assert_eq!(t.stats.bytes_copied, 0);
     assert_eq!(t.stats.bytes_referenced, 8000);
 }
@@ -110,11 +115,7 @@ fn reader_sees_the_writers_physical_frames() {
     let col = Int64Array::new(ScalarBuffer::from(v.finish()), None);
     let ptr = col.values().inner().as_ptr();
     let len = col.values().inner().len();
-    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
-    let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(col) as ArrayRef]).expect("batch");
-    let mut w = TableWriter::new(schema);
-    w.write(&b).expect("write");
-    let t = w.finish().expect("finish");
+    let t = write_column(col);
     assert_eq!(t.stats.bytes_copied, 0);
 
     let ours = quiver_shm::pagemap::frames(ptr, len).expect("our frames");
@@ -136,11 +137,7 @@ fn a_table_passed_on_is_referenced_not_copied() {
     let arena = Arena::named("pass-on");
     let mut v = arena.vec::<i64>(10_000).expect("vec");
     v.extend_from_slice(&(0..10_000).collect::<Vec<i64>>()).expect("fill");
-    let col: ArrayRef = Arc::new(Int64Array::new(ScalarBuffer::from(v.finish()), None));
-    let b = RecordBatch::try_from_iter([("x", col)]).expect("batch");
-    let mut w = TableWriter::new(b.schema());
-    w.write(&b).expect("write");
-    let t = w.finish().expect("finish");
+    let t = write_column(Int64Array::new(ScalarBuffer::from(v.finish()), None));
     let fds = t.segments.iter().map(|s| std::os::fd::AsFd::as_fd(s).try_clone_to_owned().expect("dup")).collect();
     let read = quiver_shm::sipc::read_table(&t.descriptor, fds, &Default::default()).expect("read");
     let passed = read.batches[0].slice(100, 5000);

@@ -60,46 +60,26 @@ pub trait Deanonymize: Send + Debug {
     fn place(&mut self, bytes: &[u8], align: usize) -> Result<Option<Placement>>;
 }
 
-/// References buffers that already lie in a live arena chunk of this process.
+/// References buffers that already lie in shareable memory of this process: a live arena
+/// chunk, or a sealed segment it received and mapped (a function passing its input's columns
+/// on hands the very same segment on).
 #[derive(Debug, Default)]
-pub struct ReferenceArena;
+pub struct Reference;
 
-impl Deanonymize for ReferenceArena {
+impl Deanonymize for Reference {
     fn way(&self) -> Way {
         Way::Reference
     }
 
     fn place(&mut self, bytes: &[u8], align: usize) -> Result<Option<Placement>> {
-        if !(bytes.as_ptr() as usize).is_multiple_of(align) {
+        let (p, n) = (bytes.as_ptr(), bytes.len());
+        if !(p as usize).is_multiple_of(align) {
             return Ok(None);
         }
-        Ok(registry::find(bytes.as_ptr(), bytes.len()).map(|(chunk, off)| Placement {
-            segment: chunk as Arc<dyn Shareable>,
-            offset: off as u64,
-            copied: 0,
-        }))
-    }
-}
-
-/// References buffers that lie in a sealed segment this process received and mapped: a
-/// function that passes its input's columns on hands them over without a copy.
-#[derive(Debug, Default)]
-pub struct ReferenceMapped;
-
-impl Deanonymize for ReferenceMapped {
-    fn way(&self) -> Way {
-        Way::Reference
-    }
-
-    fn place(&mut self, bytes: &[u8], align: usize) -> Result<Option<Placement>> {
-        if !(bytes.as_ptr() as usize).is_multiple_of(align) {
-            return Ok(None);
-        }
-        Ok(registry::find_mapped(bytes.as_ptr(), bytes.len()).map(|(m, off)| Placement {
-            segment: m as Arc<dyn Shareable>,
-            offset: off as u64,
-            copied: 0,
-        }))
+        let found = registry::find(p, n)
+            .map(|(c, off)| (c as Arc<dyn Shareable>, off))
+            .or_else(|| registry::find_mapped(p, n).map(|(m, off)| (m as Arc<dyn Shareable>, off)));
+        Ok(found.map(|(segment, off)| Placement { segment, offset: off as u64, copied: 0 }))
     }
 }
 

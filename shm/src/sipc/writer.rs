@@ -10,7 +10,7 @@ use arrow_ipc::convert::IpcSchemaEncoder;
 use arrow_ipc::writer::DictionaryTracker;
 use arrow_schema::{DataType, SchemaRef};
 
-use super::deanon::{CopyToArena, Deanonymize, Placement, ReferenceArena, ReferenceMapped, Shareable, Way};
+use super::deanon::{CopyToArena, Deanonymize, Placement, Reference, Shareable, Way};
 use super::format::{BufferRef, Node, RawDescriptor, Tree};
 use crate::error::{Result, ShmError};
 use crate::segment::SealedSegment;
@@ -94,7 +94,7 @@ impl TableWriter {
     pub fn new(schema: SchemaRef) -> Self {
         Self::with_ways(
             schema,
-            vec![Box::new(ReferenceArena), Box::new(ReferenceMapped), Box::new(CopyToArena::new("quiver-copy"))],
+            vec![Box::new(Reference), Box::new(CopyToArena::new("quiver-copy"))],
         )
     }
 

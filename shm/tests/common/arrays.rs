@@ -51,19 +51,19 @@ fn nulls(rng: &mut Rng, len: usize) -> Option<NullBuffer> {
     Some(NullBuffer::from_iter((0..len).map(|_| !rng.chance(20))))
 }
 
-fn fixed_width(dt: &DataType) -> Option<usize> {
-    dt.primitive_width()
-}
-
 /// A random array of `dt` with `len` rows.
 pub fn array(dt: &DataType, len: usize, rng: &mut Rng) -> ArrayRef {
-    if let Some(w) = fixed_width(dt) {
+    let width = match dt {
+        DataType::FixedSizeBinary(w) => Some(*w as usize),
+        _ => dt.primitive_width(),
+    };
+    if let Some(w) = width {
         let data = ArrayDataBuilder::new(dt.clone())
             .len(len)
             .add_buffer(Buffer::from_slice_ref(rng.bytes(len * w)))
             .nulls(nulls(rng, len))
             .build()
-            .expect("valid primitive");
+            .expect("valid fixed-width array");
         return make_array(data);
     }
     match dt {
@@ -78,16 +78,6 @@ pub fn array(dt: &DataType, len: usize, rng: &mut Rng) -> ArrayRef {
         DataType::Binary => Arc::new(BinaryArray::from_iter(opt_bytes(rng, len))),
         DataType::LargeBinary => Arc::new(LargeBinaryArray::from_iter(opt_bytes(rng, len))),
         DataType::BinaryView => Arc::new(BinaryViewArray::from_iter(opt_bytes(rng, len))),
-        DataType::FixedSizeBinary(w) => {
-            let w = *w as usize;
-            let data = ArrayDataBuilder::new(dt.clone())
-                .len(len)
-                .add_buffer(Buffer::from_slice_ref(rng.bytes(len * w)))
-                .nulls(nulls(rng, len))
-                .build()
-                .expect("valid fixed-size binary");
-            make_array(data)
-        }
         DataType::List(f) => {
             let (offsets, total) = offsets::<i32>(rng, len);
             let values = array(f.data_type(), total, rng);
