@@ -125,6 +125,8 @@ struct Measurement {
     peak_rss_bytes: u64,
     producer_peak_rss_bytes: u64,
     child_peak_rss_bytes: u64,
+    /// Shared memory the child mapped with 2 MiB pages (proves the huge-page variant used them).
+    child_huge_mapped_bytes: u64,
     produce_ms: f64,
     seal_ms: f64,
     checksum_ok: bool,
@@ -138,6 +140,7 @@ struct ChildReport {
     full_scan_ms: f64,
     checksum: u64,
     peak_rss_bytes: u64,
+    huge_mapped_bytes: u64,
 }
 
 /// Rows per batch the Parquet reader produces (the producer's default batch size).
@@ -161,8 +164,8 @@ pub fn run(args: Args) -> Result<()> {
     if !args.json {
         println!("machine: {}", crate::proc::machine());
         println!();
-        println!("| method | rows | GB | seal ms | first batch ms | all batches ms | full scan ms | scan / in-process | GB copied | peak RSS GB (producer + child) | same data |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!("| method | rows | GB | seal ms | first batch ms | all batches ms | full scan ms | scan / in-process | GB copied | peak RSS GB (producer + child) | child huge-page GB | same data |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     }
     for &rows in &args.rows {
         let plain: Vec<Method> = methods.iter().copied().filter(|&m| m != Method::SipcHuge).collect();
@@ -202,6 +205,7 @@ fn run_size(rows: u64, args: &Args, methods: &[Method], map: MapOptions, dir: &s
         peak_rss_bytes: peak_rss(),
         producer_peak_rss_bytes: peak_rss(),
         child_peak_rss_bytes: 0,
+        child_huge_mapped_bytes: 0,
         produce_ms: 0.0,
         seal_ms: 0.0,
         checksum_ok: true,
@@ -230,14 +234,19 @@ impl ShmemThp {
             .find(|w| w.starts_with('['))
             .map(|w| w.trim_matches(['[', ']']).to_string())
             .ok_or_else(|| anyhow!("cannot parse {SHMEM_THP}: {cur}"))?;
-        std::fs::write(SHMEM_THP, "within_size").context("setting shmem_enabled (needs root)")?;
+        if old != "within_size" && old != "always" {
+            std::fs::write(SHMEM_THP, "within_size").context("setting shmem_enabled (needs root)")?;
+            eprintln!("sipc-huge: {SHMEM_THP} set to within_size for this run (was {old}); restored after");
+        }
         Ok(ShmemThp { old })
     }
 }
 
 impl Drop for ShmemThp {
     fn drop(&mut self) {
-        let _ = std::fs::write(SHMEM_THP, &self.old);
+        if self.old != "within_size" && self.old != "always" {
+            let _ = std::fs::write(SHMEM_THP, &self.old);
+        }
     }
 }
 
@@ -248,7 +257,7 @@ fn report(m: &Measurement, base_ms: f64, json: bool) {
     }
     let gb = |b: u64| b as f64 / 1e9;
     println!(
-        "| {} | {} | {:.2} | {:.1} | {:.3} | {:.3} | {:.1} | {:.2} | {:.2} | {:.2} ({:.2} + {:.2}) | {} |",
+        "| {} | {} | {:.2} | {:.1} | {:.3} | {:.3} | {:.1} | {:.2} | {:.2} | {:.2} ({:.2} + {:.2}) | {:.2} | {} |",
         m.method,
         m.rows,
         gb(m.bytes),
@@ -261,6 +270,7 @@ fn report(m: &Measurement, base_ms: f64, json: bool) {
         gb(m.peak_rss_bytes),
         gb(m.producer_peak_rss_bytes),
         gb(m.child_peak_rss_bytes),
+        gb(m.child_huge_mapped_bytes),
         if m.checksum_ok { "yes" } else { "NO" }
     );
 }
@@ -377,6 +387,7 @@ fn measure(m: Method, batches: &[RecordBatch], rows: u64, bytes: u64, want: u64,
         peak_rss_bytes: producer_peak + r.peak_rss_bytes,
         producer_peak_rss_bytes: producer_peak,
         child_peak_rss_bytes: r.peak_rss_bytes,
+        child_huge_mapped_bytes: r.huge_mapped_bytes,
         produce_ms,
         seal_ms,
         checksum_ok: r.checksum == want,
@@ -488,7 +499,14 @@ pub fn child(args: ChildArgs) -> Result<()> {
     let t = now_ns();
     let checksum = scan::checksum(&batches);
     let full_scan_ms = ms_since(t);
-    let report = ChildReport { first_batch_ms: first, all_batches_ms: all, full_scan_ms, checksum, peak_rss_bytes: peak_rss() };
+    let report = ChildReport {
+        first_batch_ms: first,
+        all_batches_ms: all,
+        full_scan_ms,
+        checksum,
+        peak_rss_bytes: peak_rss(),
+        huge_mapped_bytes: crate::proc::shmem_pmd_mapped(),
+    };
     send(ctl.as_fd(), serde_json::to_string(&report)?.as_bytes(), &[])?;
     Ok(())
 }

@@ -46,3 +46,16 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, {:.0} GiB, Linux {}", mem as f64 / 1048576.0, kernel.trim())
 }
+
+/// Bytes of shared memory this process maps with 2 MiB page-table entries (huge pages).
+pub fn shmem_pmd_mapped() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
