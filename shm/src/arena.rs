@@ -361,11 +361,10 @@ impl ArenaInner {
         let want = (size as u64).max(st.next_size);
         let chunk = Chunk::create(&self.opts.name, want, self.opts.map)?;
         st.reserved += chunk.size();
-        let off = chunk.try_alloc(size, align).ok_or(ShmError::Alloc {
-            size,
-            align,
-            reason: "fresh chunk too small",
-        })?;
+        let Some(off) = chunk.try_alloc(size, align) else {
+            chunk.unref();
+            return Err(ShmError::Alloc { size, align, reason: "fresh chunk too small" });
+        };
         // A huge allocation gets its own chunk and leaves the current one in place.
         if st.current.as_ref().is_none_or(|c| c.is_sealed() || size as u64 <= self.opts.max_chunk) {
             if let Some(old) = st.current.replace(chunk.clone()) {

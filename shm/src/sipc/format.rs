@@ -25,13 +25,11 @@ pub struct Limits {
     pub max_segments: usize,
     /// Deepest type nesting accepted.
     pub max_depth: usize,
-    /// Most variadic buffers of one view array.
-    pub max_variadic: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_descriptor_bytes: 64 << 20, max_segments: 4096, max_depth: 64, max_variadic: 1 << 16 }
+        Limits { max_descriptor_bytes: 64 << 20, max_segments: 4096, max_depth: 64 }
     }
 }
 
