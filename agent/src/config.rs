@@ -1,0 +1,76 @@
+//! The agent's configuration: a TOML file (`/etc/quiver/agent.toml` by default) whose every key
+//! a command-line flag can override. See `deploy/agent.toml` for the documented example.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default place of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/quiver/agent.toml";
+
+/// Everything the agent can be told.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The API socket.
+    pub socket: PathBuf,
+    /// Mode of the API socket.
+    pub socket_mode: u32,
+    /// Where materialized tables live: one folder of Parquet files per table.
+    pub warehouse: PathBuf,
+    /// Function processes that may run at once.
+    pub max_parallel: usize,
+    /// Largest request body accepted, in bytes.
+    pub max_body: usize,
+    /// Default wall-clock limit of a function, in seconds.
+    pub default_timeout_s: f64,
+    /// Finished runs kept for status queries.
+    pub keep_runs: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: PathBuf::from("/run/quiver/agent.sock"),
+            socket_mode: 0o660,
+            warehouse: PathBuf::from("/var/lib/quiver/warehouse"),
+            max_parallel: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
+            max_body: 8 << 20,
+            default_timeout_s: 3600.0,
+            keep_runs: 1000,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default place means the defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG) => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path: path.into(), source }),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Starting one function invocation: a `quiver worker` process fed over a socketpair, its
+//! inputs sent as SIPC tables, its output received and checked, with a timeout and
+//! cancellation that kill the whole process group.
+//!
+//! This is the seam the sandbox and zygotes (runtime-envs) plug into: how the process is made
+//! changes; the conversation over the socket does not.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use quiver_shm::SealedSegment;
+use quiver_shm::sipc::{Limits, RawDescriptor};
+use quiver_shm::transport::{RecvLimits, recv, send};
+use tokio::sync::watch;
+
+use crate::proto::{Bytes, Reply, Request, recv_json, send_json};
+use crate::tables::StoredTable;
+
+/// How a node ended, when it did not succeed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum NodeError {
+    /// The function's own mistake.
+    #[error("{0}")]
+    User(String),
+    /// A failure of the worker process or the system.
+    #[error("{0}")]
+    System(String),
+    /// Past its wall-clock limit.
+    #[error("timed out after {0:.1} s")]
+    Timeout(f64),
+    /// Cancelled (the run failed elsewhere, was cancelled, or the agent is stopping).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What a finished node produced.
+#[derive(Debug)]
+pub enum NodeOutput {
+    /// A table in sealed segments.
+    Table(StoredTable, Bytes),
+    /// Files staged for publishing.
+    Staged(u64, Vec<PathBuf>),
+}
+
+/// Runs one request in a fresh worker process.
+pub async fn run_worker(
+    req: Request,
+    inputs: Vec<std::sync::Arc<StoredTable>>,
+    timeout: Duration,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<NodeOutput, NodeError> {
+    let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
+    let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
+    let exe = std::env::current_exe().map_err(|e| sys("finding the quiver binary", &e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker").stdin(Stdio::null());
+    let raw = theirs.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2 gives the worker its
+    // socket as fd 3; setpgid(0, 0) puts it in its own process group so a kill reaches any
+    // process it starts; PR_SET_PDEATHSIG kills it if the agent dies.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 || libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().map_err(|e| sys("starting the worker", &e))?;
+    drop(theirs);
+    let pid = child.id() as i32;
+    crate::children::register(pid);
+    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs));
+    let outcome = tokio::select! {
+        r = talk => r.map_err(|e| sys("worker thread", &e)).and_then(|r| r),
+        _ = tokio::time::sleep(timeout) => Err(NodeError::Timeout(timeout.as_secs_f64())),
+        _ = cancel.wait_for(|c| *c) => Err(NodeError::Cancelled),
+    };
+    if outcome.is_err() {
+        // SAFETY: kill has no memory effects; the group is the worker's own.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        child.wait()
+    })
+    .await
+    .map_err(|e| sys("waiting for the worker", &e))?
+    .map_err(|e| sys("waiting for the worker", &e))?;
+    crate::children::unregister(pid);
+    match outcome {
+        Ok(out) if status.success() => Ok(out),
+        Ok(_) => Err(NodeError::System(format!("worker exited with {status} after answering"))),
+        Err(NodeError::System(m)) if status.signal().is_some() => {
+            Err(NodeError::System(format!("worker killed by signal {} ({m})", status.signal().unwrap_or(0))))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The blocking conversation with the worker.
+fn converse(sock: OwnedFd, req: Request, inputs: Vec<std::sync::Arc<StoredTable>>) -> Result<NodeOutput, NodeError> {
+    let lost = |e: quiver_shm::ShmError| NodeError::System(format!("worker connection: {e}"));
+    send_json(sock.as_fd(), &req).map_err(lost)?;
+    for t in &inputs {
+        let fds: Vec<_> = t.segments.iter().map(|s| s.as_fd()).collect();
+        send(sock.as_fd(), &t.descriptor, &fds).map_err(lost)?;
+    }
+    let reply: Reply = recv_json(sock.as_fd()).map_err(lost)?;
+    match reply {
+        Reply::Failed { user: true, message } => Err(NodeError::User(message)),
+        Reply::Failed { user: false, message } => Err(NodeError::System(message)),
+        Reply::Staged { rows, files } => Ok(NodeOutput::Staged(rows, files)),
+        Reply::Table { rows, bytes } => {
+            let (desc, fds) = recv(sock.as_fd(), &RecvLimits::default()).map_err(lost)?;
+            let table = admit(desc, fds, rows).map_err(|e| NodeError::System(format!("worker sent a bad table: {e}")))?;
+            Ok(NodeOutput::Table(table, bytes))
+        }
+    }
+}
+
+/// Checks a table from an untrusted worker without reading its data: the descriptor parses
+/// within limits, one sealed memfd per segment, of the declared sizes.
+fn admit(desc: Vec<u8>, fds: Vec<OwnedFd>, rows: u64) -> Result<StoredTable, String> {
+    let raw = RawDescriptor::decode(&desc, &Limits::default()).map_err(|e| e.to_string())?;
+    if raw.segment_sizes.len() != fds.len() {
+        return Err(format!("{} segments described, {} fds sent", raw.segment_sizes.len(), fds.len()));
+    }
+    let claimed: u64 = raw.batches.iter().map(|b| b.rows).sum();
+    if claimed != rows {
+        return Err(format!("reply says {rows} rows, the descriptor {claimed}"));
+    }
+    let mut segments = Vec::with_capacity(fds.len());
+    for (fd, &size) in fds.into_iter().zip(&raw.segment_sizes) {
+        let s = SealedSegment::from_fd(fd).map_err(|e| e.to_string())?;
+        if s.size() != size {
+            return Err(format!("segment of {} bytes described as {size}", s.size()));
+        }
+        segments.push(s);
+    }
+    let bytes = segments.iter().map(|s| s.size()).sum();
+    Ok(StoredTable { descriptor: desc, segments, rows, bytes, schema_ipc: raw.schema_ipc })
+}

@@ -1,0 +1,100 @@
+//! `quiver`: the agent daemon (`quiver agent`), its function workers (`quiver worker`) and the
+//! command line a user or planner runs.
+
+mod api;
+mod children;
+mod config;
+mod executor;
+mod filter;
+mod launch;
+mod plan;
+mod proto;
+mod server;
+mod state;
+mod tables;
+mod warehouse;
+mod worker;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Large and 64-byte aligned allocations made inside an arena scope (scan output) land in
+/// shareable memory; everything else goes to the system allocator.
+#[global_allocator]
+static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(64 << 10);
+
+#[derive(Parser)]
+#[command(name = "quiver", version, about = "Run DAGs of functions over a zero-copy Arrow arena")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent daemon (what the systemd unit starts).
+    Agent(AgentArgs),
+    /// One function invocation, fed by the agent over fd 3 (not for direct use).
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Configuration file.
+    #[arg(long, default_value = config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// API socket (overrides `socket`).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Warehouse folder (overrides `warehouse`).
+    #[arg(long)]
+    warehouse: Option<PathBuf>,
+    /// Function processes at once (overrides `max_parallel`).
+    #[arg(long)]
+    max_parallel: Option<usize>,
+    /// Largest request body in bytes (overrides `max_body`).
+    #[arg(long)]
+    max_body: Option<usize>,
+    /// Default function time limit in seconds (overrides `default_timeout_s`).
+    #[arg(long)]
+    default_timeout_s: Option<f64>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Worker => std::process::exit(worker::main()),
+        Cmd::Agent(a) => {
+            init_logging();
+            let mut c = config::Config::load(&a.config)?;
+            if let Some(v) = a.socket {
+                c.socket = v;
+            }
+            if let Some(v) = a.warehouse {
+                c.warehouse = v;
+            }
+            if let Some(v) = a.max_parallel {
+                c.max_parallel = v.max(1);
+            }
+            if let Some(v) = a.max_body {
+                c.max_body = v;
+            }
+            if let Some(v) = a.default_timeout_s {
+                c.default_timeout_s = v;
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(server::run_daemon(c))?;
+            Ok(())
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd the journal adds timestamps; plain lines read best there.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).without_time().try_init();
+}

@@ -1,0 +1,398 @@
+//! Plans: the DAG a planner submits, as JSON, and its validation into something the executor
+//! can run. Every rule here answers a malformed plan with a message that says what is wrong.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::filter::{Filter, parse_filter};
+
+/// Most nodes one plan may have.
+pub const MAX_NODES: usize = 1000;
+
+/// A plan as submitted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// A label for the run (shown in status and logs).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Higher runs first when the node is busy.
+    #[serde(default)]
+    pub priority: i32,
+    /// The functions, in any order; the DAG follows from `parents`.
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// What a node does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeKind {
+    /// Read Parquet into the arena.
+    Scan,
+    /// Run DuckDB SQL over the parents' tables.
+    Sql,
+    /// Write the parent's table into the warehouse.
+    Materialize,
+}
+
+/// How a materialization treats the existing table.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MaterializeMode {
+    /// Replace the table's contents.
+    #[default]
+    Replace,
+    /// Add files to the table.
+    Append,
+}
+
+/// Limits of one function invocation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Memory limit in bytes.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// CPU share (1.0 = one core).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Wall-clock limit in seconds.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// One node as submitted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Unique name; SQL refers to parents by it.
+    pub name: String,
+    /// What the node does.
+    pub kind: NodeKind,
+    /// Names of the nodes whose tables this one reads.
+    #[serde(default)]
+    pub parents: Vec<String>,
+    /// scan: a Parquet file or a folder of them.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// scan: the columns to read (all when absent).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// scan: a filter (`col op literal`, `col IN (...)`, joined by AND).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// sql: the query.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// materialize: the warehouse table to write.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// materialize: replace (default) or append.
+    #[serde(default)]
+    pub mode: Option<MaterializeMode>,
+    /// Limits of the function process.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Keep the node's table after the run (intermediates are released otherwise).
+    #[serde(default)]
+    pub pin: bool,
+}
+
+/// The task of a validated node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Task {
+    /// Read Parquet.
+    Scan {
+        /// File or folder.
+        path: String,
+        /// Projection.
+        columns: Option<Vec<String>>,
+        /// Filter, parsed.
+        filter: Option<Filter>,
+    },
+    /// Run SQL.
+    Sql {
+        /// The query.
+        sql: String,
+    },
+    /// Write to the warehouse.
+    Materialize {
+        /// Warehouse table name.
+        table: String,
+        /// Replace or append.
+        mode: MaterializeMode,
+    },
+}
+
+/// A node that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// Unique name.
+    pub name: String,
+    /// Indexes of the parents in [`ValidPlan::nodes`].
+    pub parents: Vec<usize>,
+    /// Indexes of the children.
+    pub children: Vec<usize>,
+    /// What to run.
+    pub task: Task,
+    /// Limits.
+    pub resources: Resources,
+    /// Keep the table after the run.
+    pub pin: bool,
+}
+
+/// A plan that passed validation, nodes in topological order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPlan {
+    /// Label.
+    pub name: Option<String>,
+    /// Priority.
+    pub priority: i32,
+    /// Nodes, parents before children.
+    pub nodes: Vec<Node>,
+}
+
+/// Why a plan was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    /// The JSON does not parse or does not match the schema.
+    #[error("invalid plan JSON: {0}")]
+    Json(String),
+    /// No nodes.
+    #[error("the plan has no nodes")]
+    Empty,
+    /// Too many nodes.
+    #[error("the plan has {0} nodes; at most {MAX_NODES} are allowed")]
+    TooLarge(usize),
+    /// A bad node name.
+    #[error("node name {0:?} is invalid: use 1 to 64 letters, digits or underscores, not starting with a digit")]
+    BadName(String),
+    /// Two nodes with one name.
+    #[error("two nodes are named {0:?}")]
+    Duplicate(String),
+    /// A parent that is not in the plan.
+    #[error("node {node:?} names parent {parent:?}, which is not in the plan")]
+    MissingParent {
+        /// The node.
+        node: String,
+        /// The unknown parent.
+        parent: String,
+    },
+    /// A cycle.
+    #[error("the plan has a cycle: {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
+    /// A node whose fields do not fit its kind.
+    #[error("node {node:?}: {message}")]
+    Node {
+        /// The node.
+        node: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn node_err(node: &str, message: impl Into<String>) -> PlanError {
+    PlanError::Node { node: node.to_owned(), message: message.into() }
+}
+
+/// Whether `s` is a valid node or table name.
+pub fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && s.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl Plan {
+    /// Parses a plan from JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Plan, PlanError> {
+        serde_json::from_slice(bytes).map_err(|e| PlanError::Json(e.to_string()))
+    }
+
+    /// Checks every rule and orders the nodes.
+    pub fn validate(&self) -> Result<ValidPlan, PlanError> {
+        if self.nodes.is_empty() {
+            return Err(PlanError::Empty);
+        }
+        if self.nodes.len() > MAX_NODES {
+            return Err(PlanError::TooLarge(self.nodes.len()));
+        }
+        let mut index = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !valid_name(&n.name) {
+                return Err(PlanError::BadName(n.name.clone()));
+            }
+            if index.insert(n.name.as_str(), i).is_some() {
+                return Err(PlanError::Duplicate(n.name.clone()));
+            }
+        }
+        let mut tasks = Vec::with_capacity(self.nodes.len());
+        let mut parents = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let mut ps = Vec::new();
+            let mut seen = HashSet::new();
+            for p in &n.parents {
+                let &pi = index.get(p.as_str()).ok_or_else(|| PlanError::MissingParent {
+                    node: n.name.clone(),
+                    parent: p.clone(),
+                })?;
+                if !seen.insert(pi) {
+                    return Err(node_err(&n.name, format!("parent {p:?} is named twice")));
+                }
+                ps.push(pi);
+            }
+            tasks.push(task(n)?);
+            check_resources(n)?;
+            parents.push(ps);
+        }
+        let order = topo_order(&self.nodes, &parents)?;
+        // Re-index in topological order.
+        let mut new_index = vec![0; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_index[old] = new;
+        }
+        let mut nodes: Vec<Node> = order
+            .iter()
+            .map(|&old| Node {
+                name: self.nodes[old].name.clone(),
+                parents: parents[old].iter().map(|&p| new_index[p]).collect(),
+                children: Vec::new(),
+                task: tasks[old].clone(),
+                resources: self.nodes[old].resources.clone(),
+                pin: self.nodes[old].pin,
+            })
+            .collect();
+        for i in 0..nodes.len() {
+            for p in nodes[i].parents.clone() {
+                nodes[p].children.push(i);
+            }
+        }
+        Ok(ValidPlan { name: self.name.clone(), priority: self.priority, nodes })
+    }
+}
+
+fn task(n: &NodeSpec) -> Result<Task, PlanError> {
+    let not_for = |field: &str, present: bool| -> Result<(), PlanError> {
+        if present {
+            Err(node_err(&n.name, format!("field `{field}` is not valid for a {:?} node", n.kind).to_lowercase()))
+        } else {
+            Ok(())
+        }
+    };
+    match n.kind {
+        NodeKind::Scan => {
+            not_for("sql", n.sql.is_some())?;
+            not_for("table", n.table.is_some())?;
+            not_for("mode", n.mode.is_some())?;
+            if !n.parents.is_empty() {
+                return Err(node_err(&n.name, "a scan node has no parents"));
+            }
+            let path = n.path.clone().filter(|p| !p.is_empty()).ok_or_else(|| node_err(&n.name, "a scan node needs `path`"))?;
+            if let Some(cols) = &n.columns {
+                if cols.is_empty() {
+                    return Err(node_err(&n.name, "`columns` is empty; leave it out to read every column"));
+                }
+                let mut seen = HashSet::new();
+                for c in cols {
+                    if !seen.insert(c) {
+                        return Err(node_err(&n.name, format!("column {c:?} is listed twice")));
+                    }
+                }
+            }
+            let filter = match &n.filter {
+                Some(f) => Some(parse_filter(f).map_err(|e| node_err(&n.name, format!("filter: {e}")))?),
+                None => None,
+            };
+            Ok(Task::Scan { path, columns: n.columns.clone(), filter })
+        }
+        NodeKind::Sql => {
+            not_for("path", n.path.is_some())?;
+            not_for("columns", n.columns.is_some())?;
+            not_for("filter", n.filter.is_some())?;
+            not_for("table", n.table.is_some())?;
+            not_for("mode", n.mode.is_some())?;
+            let sql = n.sql.clone().filter(|s| !s.trim().is_empty()).ok_or_else(|| node_err(&n.name, "a sql node needs `sql`"))?;
+            if sql.len() > 1 << 20 {
+                return Err(node_err(&n.name, "the query is longer than 1 MiB"));
+            }
+            Ok(Task::Sql { sql })
+        }
+        NodeKind::Materialize => {
+            not_for("path", n.path.is_some())?;
+            not_for("columns", n.columns.is_some())?;
+            not_for("filter", n.filter.is_some())?;
+            not_for("sql", n.sql.is_some())?;
+            if n.parents.len() != 1 {
+                return Err(node_err(&n.name, format!("a materialize node has exactly one parent, not {}", n.parents.len())));
+            }
+            let table = n.table.clone().unwrap_or_else(|| n.parents[0].clone());
+            if !valid_name(&table) {
+                return Err(node_err(&n.name, format!("table name {table:?} is invalid")));
+            }
+            Ok(Task::Materialize { table, mode: n.mode.unwrap_or_default() })
+        }
+    }
+}
+
+fn check_resources(n: &NodeSpec) -> Result<(), PlanError> {
+    let r = &n.resources;
+    if let Some(m) = r.memory
+        && m < 1 << 20
+    {
+        return Err(node_err(&n.name, format!("memory limit {m} bytes is below 1 MiB")));
+    }
+    if let Some(c) = r.cpus
+        && !(c > 0.0 && c <= 1024.0)
+    {
+        return Err(node_err(&n.name, format!("cpus {c} is not in (0, 1024]")));
+    }
+    if let Some(t) = r.timeout_s
+        && !(t > 0.0 && t <= 7.0 * 86400.0)
+    {
+        return Err(node_err(&n.name, format!("timeout_s {t} is not in (0, one week]")));
+    }
+    Ok(())
+}
+
+/// Kahn's algorithm; on a cycle, names one.
+fn topo_order(nodes: &[NodeSpec], parents: &[Vec<usize>]) -> Result<Vec<usize>, PlanError> {
+    let n = nodes.len();
+    let mut indegree: Vec<usize> = parents.iter().map(Vec::len).collect();
+    let mut children = vec![Vec::new(); n];
+    for (i, ps) in parents.iter().enumerate() {
+        for &p in ps {
+            children[p].push(i);
+        }
+    }
+    // Stable order: among ready nodes, submission order.
+    let mut ready: BTreeMap<usize, ()> = (0..n).filter(|&i| indegree[i] == 0).map(|i| (i, ())).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some((i, ())) = ready.pop_first() {
+        order.push(i);
+        for &c in &children[i] {
+            indegree[c] -= 1;
+            if indegree[c] == 0 {
+                ready.insert(c, ());
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Walk parents from any node left until one repeats: that is a cycle.
+    let mut at = (0..n).find(|&i| indegree[i] > 0).expect("some node is left");
+    let mut path = Vec::new();
+    let mut pos = HashMap::new();
+    loop {
+        if let Some(&start) = pos.get(&at) {
+            let mut cycle: Vec<String> = path[start..].iter().map(|&i: &usize| nodes[i].name.clone()).collect();
+            cycle.reverse();
+            cycle.push(cycle[0].clone());
+            return Err(PlanError::Cycle(cycle));
+        }
+        pos.insert(at, path.len());
+        path.push(at);
+        at = *parents[at].iter().find(|&&p| indegree[p] > 0).expect("a node in a cycle has a parent in it");
+    }
+}

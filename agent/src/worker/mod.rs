@@ -1,0 +1,103 @@
+//! `quiver worker`: one function invocation in its own process. It reads its request and input
+//! tables from fd 3, runs the task, and answers with its output. The agent never parses table
+//! data itself; every scan, query and write happens here.
+
+mod materialize;
+mod scan;
+
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use arrow_array::RecordBatch;
+use quiver_shm::sipc::{ReadOptions, SipcRead, TableWriter, read_table};
+use quiver_shm::transport::{RecvLimits, recv, send_table};
+
+use crate::plan::Task;
+use crate::proto::{Bytes, Reply, Request, recv_json, send_json};
+
+/// A failure of the function, told apart from a failure of the system.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    /// The user's mistake: bad SQL, a missing column, a missing file.
+    #[error("{0}")]
+    User(String),
+    /// Something else broke.
+    #[error("{0}")]
+    System(String),
+}
+
+impl WorkError {
+    fn system(e: impl std::fmt::Display) -> Self {
+        WorkError::System(e.to_string())
+    }
+}
+
+/// Where a task's output goes.
+pub enum Output {
+    /// A table to hand on.
+    Table(Vec<RecordBatch>, arrow_schema::SchemaRef),
+    /// Files staged for publishing.
+    Staged(u64, Vec<std::path::PathBuf>),
+}
+
+/// Runs the worker on fd 3; returns the process exit code.
+pub fn main() -> i32 {
+    // SAFETY: the agent passes the socket as fd 3; nothing else in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    match serve(sock.as_fd()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("quiver worker: {e}");
+            2
+        }
+    }
+}
+
+fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
+    let req: Request = recv_json(sock)?;
+    set_process_name(&format!("quiver:{}", req.node));
+    let limits = RecvLimits::default();
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for name in &req.inputs {
+        let (desc, fds) = recv(sock, &limits)?;
+        // Inputs come from other function processes: validate them fully.
+        let t = read_table(&desc, fds, &ReadOptions::default())
+            .map_err(|e| quiver_shm::ShmError::Protocol(format!("input {name}: {e}")))?;
+        inputs.push((name.clone(), t));
+    }
+    match run(&req, inputs) {
+        Ok(Output::Table(batches, schema)) => {
+            let mut w = TableWriter::new(schema);
+            for b in &batches {
+                w.write(b)?;
+            }
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let t = w.finish()?;
+            let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied };
+            send_json(sock, &Reply::Table { rows, bytes })?;
+            send_table(sock, &t)
+        }
+        Ok(Output::Staged(rows, files)) => send_json(sock, &Reply::Staged { rows, files }),
+        Err(e) => send_json(sock, &Reply::Failed { user: matches!(e, WorkError::User(_)), message: e.to_string() }),
+    }
+}
+
+fn run(req: &Request, inputs: Vec<(String, SipcRead)>) -> Result<Output, WorkError> {
+    match &req.task {
+        Task::Scan { path, columns, filter } => scan::run(path, columns.as_deref(), filter.as_ref()),
+        Task::Sql { .. } => Err(WorkError::System("sql nodes are not available in this build yet".into())),
+        Task::Materialize { table, .. } => {
+            let staging = req.staging.as_ref().ok_or_else(|| WorkError::System("no staging folder given".into()))?;
+            let (_, input) = inputs.into_iter().next().ok_or_else(|| WorkError::System("materialize without input".into()))?;
+            materialize::run(table, &input, staging)
+        }
+    }
+}
+
+/// Names the process (`ps`, `top`) after its node.
+fn set_process_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from buf.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+}
