@@ -12,6 +12,7 @@ mod proto;
 mod server;
 mod state;
 mod tables;
+mod taxi;
 mod warehouse;
 mod worker;
 
@@ -23,7 +24,7 @@ use clap::{Parser, Subcommand};
 /// Large and 64-byte aligned allocations made inside an arena scope (scan output) land in
 /// shareable memory; everything else goes to the system allocator.
 #[global_allocator]
-static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(64 << 10);
+static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(4 << 10);
 
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Run DAGs of functions over a zero-copy Arrow arena")]
@@ -36,6 +37,15 @@ struct Cli {
 enum Cmd {
     /// Run the agent daemon (what the systemd unit starts).
     Agent(AgentArgs),
+    /// Write the example's synthetic taxi trips as Parquet (deterministic).
+    GenTaxi {
+        /// Output folder.
+        #[arg(long, default_value = "examples/taxi/data/trips")]
+        out: PathBuf,
+        /// How much: `1GB` (the default), `200MB`, or a row count such as `100000rows`.
+        #[arg(long, default_value = "1GB", value_parser = taxi::parse_size)]
+        size: u64,
+    },
     /// One function invocation, fed by the agent over fd 3 (not for direct use).
     #[command(hide = true)]
     Worker,
@@ -67,6 +77,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Worker => std::process::exit(worker::main()),
+        Cmd::GenTaxi { out, size } => {
+            let files = taxi::generate(&out, size)?;
+            println!("wrote {size} trips in {} files to {}", files.len(), out.display());
+            Ok(())
+        }
         Cmd::Agent(a) => {
             init_logging();
             let mut c = config::Config::load(&a.config)?;
@@ -96,5 +111,11 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Under systemd the journal adds timestamps; plain lines read best there.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).without_time().try_init();
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

@@ -65,9 +65,12 @@ pub fn publish(root: &Path, run: &str, items: &[Staged]) -> Result<(), Warehouse
     if items.is_empty() {
         return Ok(());
     }
+    // Run ids restart with the agent; the clock keeps version folders apart.
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let version = format!("{run}-{stamp}");
     let mut swaps = Vec::new();
     for it in items {
-        let rel = PathBuf::from(".versions").join(&it.table).join(run);
+        let rel = PathBuf::from(".versions").join(&it.table).join(&version);
         let dir = root.join(&rel);
         io(format!("creating {}", dir.display()), fs::create_dir_all(&dir))?;
         if it.mode == MaterializeMode::Append
