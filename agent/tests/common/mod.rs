@@ -1,0 +1,181 @@
+//! A test agent on a temporary socket, and a small blocking HTTP client for it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_quiver");
+
+/// A `quiver agent` process on a temporary socket and warehouse.
+pub struct TestAgent {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+impl TestAgent {
+    pub fn start(extra: &[&str]) -> TestAgent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("agent.sock");
+        let child = Command::new(BIN)
+            .args(["agent", "--socket"])
+            .arg(&sock)
+            .arg("--warehouse")
+            .arg(dir.path().join("warehouse"))
+            .args(extra)
+            .env("QUIVER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start quiver agent");
+        let t0 = Instant::now();
+        while UnixStream::connect(&sock).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "agent did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TestAgent { dir, child: Some(child) }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    pub fn warehouse(&self) -> PathBuf {
+        self.dir.path().join("warehouse")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// One request; returns (status, body).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        request(&self.socket(), method, path, body.map(str::as_bytes))
+    }
+
+    pub fn json(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let (s, b) = self.call(method, path, body);
+        (s, serde_json::from_str(&b).unwrap_or_else(|e| panic!("{method} {path}: {e}: {b}")))
+    }
+
+    /// Submits a plan and waits for the run to finish; returns its status.
+    pub fn run(&self, plan: &serde_json::Value) -> serde_json::Value {
+        let (s, v) = self.json("POST", "/v1/runs", Some(&plan.to_string()));
+        assert_eq!(s, 201, "{v}");
+        let id = v["id"].as_str().expect("id").to_owned();
+        self.wait(&id)
+    }
+
+    pub fn wait(&self, id: &str) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let (_, v) = self.json("GET", &format!("/v1/runs/{id}"), None);
+            if v["status"] != "running" {
+                return v;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "run {id} did not finish: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's open fds.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// memfd bytes the agent holds (fds), from /proc.
+    pub fn memfd_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:")))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Children of the agent process.
+    pub fn children(&self) -> Vec<i32> {
+        let me = self.pid();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.split(' ').nth(1).map(str::to_owned)))
+                    .flatten()
+                    .is_some_and(|pp| pp == me.to_string())
+            })
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().expect("wait")
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A blocking HTTP/1.1 request over a Unix socket (Connection: close), chunked bodies decoded.
+pub fn request(sock: &Path, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: quiver\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    let _ = s.write_all(body);
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).expect("status line");
+    let code: u16 = status.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status {status:?}"));
+    let mut chunked = false;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).expect("header");
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if h.to_ascii_lowercase().starts_with("transfer-encoding: chunked") {
+            chunked = true;
+        }
+    }
+    let mut out = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).expect("chunk size");
+            let n = usize::from_str_radix(size.trim(), 16).expect("hex size");
+            if n == 0 {
+                break;
+            }
+            let mut buf = vec![0; n + 2];
+            r.read_exact(&mut buf).expect("chunk");
+            out.extend_from_slice(&buf[..n]);
+        }
+    } else {
+        r.read_to_end(&mut out).expect("body");
+    }
+    (code, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Generates `rows` taxi trips into `dir`.
+pub fn taxi(dir: &Path, rows: u64) {
+    let st = Command::new(BIN).args(["gen-taxi", "--out"]).arg(dir).args(["--size", &format!("{rows}rows")]).status().expect("gen-taxi");
+    assert!(st.success());
+}

@@ -1,0 +1,151 @@
+//! Running plans: results, failures that fail only their run, no leaks, clean shutdown.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{TestAgent, taxi};
+use serde_json::json;
+
+/// Trips shared by the tests in this file (generated once).
+fn trips() -> &'static std::path::Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().expect("tempdir");
+        taxi(&d.path().join("trips"), 600_000);
+        d
+    })
+    .path()
+}
+
+fn trips_path() -> String {
+    trips().join("trips").display().to_string()
+}
+
+fn read_parquet_rows(dir: &std::path::Path) -> u64 {
+    let mut rows = 0;
+    for e in std::fs::read_dir(dir).expect("table folder") {
+        let f = std::fs::File::open(e.expect("entry").path()).expect("open");
+        let r = parquet::file::reader::SerializedFileReader::new(f).expect("parquet");
+        rows += parquet::file::reader::FileReader::metadata(&r).file_metadata().num_rows() as u64;
+    }
+    rows
+}
+
+#[test]
+fn scan_filter_and_materialize_publish_the_right_rows() {
+    let a = TestAgent::start(&[]);
+    let plan = json!({"nodes": [
+        {"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id", "fare_amount", "country"],
+         "filter": "country IN ('IT', 'FR') AND fare_amount > 50"},
+        {"name": "m", "kind": "materialize", "parents": ["t"], "table": "rich"}
+    ]});
+    let v = a.run(&plan);
+    assert_eq!(v["status"], "succeeded", "{v}");
+    // The same filter, computed directly from the generator's formula.
+    let expected = (0..600_000u64)
+        .map(|r| quiver_taxi_row(r))
+        .filter(|(fare, country)| (*country == "IT" || *country == "FR") && *fare > 50.0)
+        .count() as u64;
+    assert_eq!(v["nodes"][0]["rows"], expected);
+    assert_eq!(v["nodes"][0]["bytes_copied"], 0, "scan output is built in the arena: {v}");
+    assert!(v["nodes"][0]["bytes_referenced"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(read_parquet_rows(&a.warehouse().join("rich")), expected);
+}
+
+/// The generator's fare and country for row `r` (see agent/src/taxi.rs).
+fn quiver_taxi_row(r: u64) -> (f64, &'static str) {
+    fn mix(x: u64) -> u64 {
+        let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let fare = 3.0 + (mix(r ^ 5) % 8_000) as f64 / 100.0;
+    (fare, ["IT", "FR", "DE", "ES", "US", "GB"][(mix(r ^ 8) % 6) as usize])
+}
+
+#[test]
+fn failures_fail_only_their_run_and_leave_nothing_behind() {
+    let a = TestAgent::start(&["--max-parallel", "4"]);
+    let ok = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]}]});
+    assert_eq!(a.run(&ok)["status"], "succeeded");
+    let fds0 = a.fds();
+    // A user error: a column the data does not have.
+    let bad = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["nope"]},
+                                {"name": "m", "kind": "materialize", "parents": ["t"]}]});
+    let v = a.run(&bad);
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["nodes"][0]["state"], "failed");
+    assert_eq!(v["nodes"][0]["error_kind"], "user");
+    assert!(v["nodes"][0]["error"].as_str().unwrap_or("").contains("no column \"nope\""), "{v}");
+    assert_eq!(v["nodes"][1]["state"], "skipped");
+    // A timeout.
+    let slow = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "resources": {"timeout_s": 0.01}}]});
+    let v = a.run(&slow);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["nodes"][0]["state"], "timed_out");
+    // A worker killed with SIGKILL while it runs.
+    let (s, sub) = a.json("POST", "/v1/runs", Some(&json!({"nodes": [{"name": "victim", "kind": "scan", "path": trips_path()}]}).to_string()));
+    assert_eq!(s, 201);
+    let id = sub["id"].as_str().expect("id").to_owned();
+    let t0 = Instant::now();
+    let pid = loop {
+        if let Some(p) = a.children().first() {
+            break *p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "worker never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: kill has no memory effects; pid is the agent's worker.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let v = a.wait(&id);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(v["nodes"][0]["error_kind"], "system");
+    assert!(v["nodes"][0]["error"].as_str().unwrap_or("").contains("signal 9"), "{v}");
+    // Other runs go on, and nothing leaked.
+    assert_eq!(a.run(&ok)["status"], "succeeded");
+    assert!(a.children().is_empty(), "no worker left");
+    assert_eq!(a.fds(), fds0, "fds back to baseline");
+    assert_eq!(a.memfd_fds(), 0, "no segment held");
+    let (_, m) = a.call("GET", "/metrics", None);
+    assert!(m.contains("quiver_table_bytes 0\n"), "{m}");
+}
+
+#[test]
+fn twenty_runs_at_once_all_complete() {
+    let a = TestAgent::start(&["--max-parallel", "4"]);
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            let plan = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id", "country"],
+                                          "filter": format!("trip_id < {}", 1000 * (i + 1))}]});
+            let (s, v) = a.json("POST", "/v1/runs", Some(&plan.to_string()));
+            assert_eq!(s, 201, "{v}");
+            v["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let v = a.wait(id);
+        assert_eq!(v["status"], "succeeded", "{v}");
+        assert_eq!(v["nodes"][0]["rows"], 1000 * (i as u64 + 1));
+    }
+}
+
+#[test]
+fn sigterm_during_a_run_kills_the_workers_and_exits_0() {
+    let a = TestAgent::start(&[]);
+    let (s, _) = a.json("POST", "/v1/runs", Some(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path()}]}).to_string()));
+    assert_eq!(s, 201);
+    let t0 = Instant::now();
+    while a.children().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "worker never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let workers = a.children();
+    let status = a.stop();
+    assert!(status.success(), "{status:?}");
+    for p in workers {
+        assert!(!std::path::Path::new(&format!("/proc/{p}")).exists(), "worker {p} survived");
+    }
+}
