@@ -74,3 +74,23 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../deploy/agent.toml");
+        let c: Config = toml::from_str(text).expect("deploy/agent.toml parses");
+        assert_eq!(c.socket, PathBuf::from("/run/quiver/agent.sock"));
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.max_parallel, 8);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<Config>("sockett = \"/x\"").expect_err("typo");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -396,3 +396,73 @@ fn topo_order(nodes: &[NodeSpec], parents: &[Vec<usize>]) -> Result<Vec<usize>, 
         at = *parents[at].iter().find(|&&p| indegree[p] > 0).expect("a node in a cycle has a parent in it");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sql(name: &str, parents: &[String]) -> serde_json::Value {
+        serde_json::json!({"name": name, "kind": "sql", "sql": "select 1", "parents": parents})
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any bytes: a plan or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(p) = Plan::from_json(&bytes) {
+                let _ = p.validate();
+            }
+        }
+
+        /// Random DAGs (edges only to earlier nodes, submitted shuffled) validate, and the
+        /// order puts every parent before its children.
+        #[test]
+        fn random_dags_validate_in_topological_order(
+            n in 1usize..30,
+            edges in prop::collection::vec((0usize..30, 0usize..30), 0..60),
+            seed in any::<u64>(),
+        ) {
+            let mut parents = vec![Vec::new(); n];
+            for (a, b) in edges {
+                let (a, b) = (a % n, b % n);
+                if a < b && !parents[b].contains(&format!("n{a}")) {
+                    parents[b].push(format!("n{a}"));
+                }
+            }
+            let mut nodes: Vec<_> = (0..n).map(|i| sql(&format!("n{i}"), &parents[i])).collect();
+            // Shuffle deterministically.
+            let mut s = seed;
+            for i in (1..nodes.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                nodes.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let plan = Plan::from_json(serde_json::json!({"nodes": nodes}).to_string().as_bytes()).unwrap();
+            let v = plan.validate().unwrap();
+            for (i, node) in v.nodes.iter().enumerate() {
+                for &p in &node.parents {
+                    prop_assert!(p < i);
+                    prop_assert!(v.nodes[p].children.contains(&i));
+                }
+            }
+        }
+
+        /// Adding a back edge to a chain makes a cycle, and the error names it.
+        #[test]
+        fn back_edges_are_cycles(n in 2usize..20, from in 0usize..20) {
+            let from = from % n;
+            let mut nodes: Vec<_> = (0..n).map(|i| {
+                let ps = if i == 0 { vec![format!("n{}", n - 1)] } else { vec![format!("n{}", i - 1)] };
+                sql(&format!("n{i}"), &ps)
+            }).collect();
+            nodes.rotate_left(from);
+            let plan = Plan::from_json(serde_json::json!({"nodes": nodes}).to_string().as_bytes()).unwrap();
+            match plan.validate() {
+                Err(PlanError::Cycle(c)) => prop_assert_eq!(c.len(), n + 1),
+                other => prop_assert!(false, "expected a cycle, got {:?}", other),
+            }
+        }
+    }
+}
