@@ -3,11 +3,14 @@
 
 mod api;
 mod children;
+mod cli;
+mod client;
 mod config;
 mod executor;
 mod filter;
 mod launch;
 mod plan;
+mod project;
 mod proto;
 mod server;
 mod state;
@@ -37,6 +40,31 @@ struct Cli {
 enum Cmd {
     /// Run the agent daemon (what the systemd unit starts).
     Agent(AgentArgs),
+    /// Run a project (a folder of SQL models) on the agent, or on one started in this process.
+    Run {
+        /// The project folder.
+        project: PathBuf,
+        /// The agent's socket.
+        #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
+        socket: PathBuf,
+        /// Warehouse of the in-process agent (default: PROJECT/warehouse).
+        #[arg(long)]
+        warehouse: Option<PathBuf>,
+    },
+    /// Show runs, or one run's nodes.
+    Status {
+        /// A run id.
+        run: Option<String>,
+        /// The agent's socket.
+        #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
+        socket: PathBuf,
+    },
+    /// List the tables the agent keeps.
+    Tables {
+        /// The agent's socket.
+        #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
+        socket: PathBuf,
+    },
     /// Write the example's synthetic taxi trips as Parquet (deterministic).
     GenTaxi {
         /// Output folder.
@@ -77,6 +105,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Worker => std::process::exit(worker::main()),
+        Cmd::Run { project, socket, warehouse } => {
+            let ok = runtime()?.block_on(cli::run(&project, &socket, warehouse))?;
+            std::process::exit(if ok { 0 } else { 1 })
+        }
+        Cmd::Status { run, socket } => runtime()?.block_on(cli::status(&socket, run)),
+        Cmd::Tables { socket } => runtime()?.block_on(cli::tables(&socket)),
         Cmd::GenTaxi { out, size } => {
             let files = taxi::generate(&out, size)?;
             println!("wrote {size} trips in {} files to {}", files.len(), out.display());
@@ -100,11 +134,14 @@ fn main() -> Result<()> {
             if let Some(v) = a.default_timeout_s {
                 c.default_timeout_s = v;
             }
-            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(server::run_daemon(c))?;
+            runtime()?.block_on(server::run_daemon(c))?;
             Ok(())
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the runtime")
 }
 
 fn init_logging() {

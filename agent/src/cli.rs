@@ -1,0 +1,138 @@
+//! The user-facing commands: `quiver run`, `status`, `tables`. Each talks to the agent on its
+//! socket; `run` starts an agent inside the same process when none is listening, so it works on
+//! a machine with no service installed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use hyper::Method;
+
+use crate::client::{self, ClientError};
+use crate::config::Config;
+use crate::state::Agent;
+
+/// Where the CLI finds the agent.
+pub fn default_socket() -> PathBuf {
+    std::env::var_os("QUIVER_SOCKET").map(PathBuf::from).unwrap_or_else(|| Config::default().socket)
+}
+
+/// An agent running inside this process for one command.
+struct Embedded {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    agent: Arc<Agent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn embedded(warehouse: &Path) -> Result<Embedded> {
+    let dir = tempfile::Builder::new().prefix("quiver-").tempdir()?;
+    let socket = dir.path().join("agent.sock");
+    crate::warehouse::recover(warehouse)?;
+    let config = Config { socket: socket.clone(), warehouse: warehouse.to_path_buf(), ..Config::default() };
+    let listener = crate::server::bind(&socket, 0o600)?;
+    let agent = Agent::new(config);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::mem::forget(tx);
+    let task = tokio::spawn(crate::server::serve(agent.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    Ok(Embedded { _dir: dir, socket, agent, task })
+}
+
+/// `quiver run PROJECT`.
+pub async fn run(project: &Path, socket: &Path, warehouse: Option<PathBuf>) -> Result<bool> {
+    let plan = crate::project::plan(project)?;
+    let mut local = None;
+    let sock = match client::call(socket, Method::GET, "/healthz", None).await {
+        Ok(_) => socket.to_path_buf(),
+        Err(ClientError::Connect { .. }) => {
+            let wh = warehouse.unwrap_or_else(|| project.join("warehouse"));
+            eprintln!("no agent at {}; running one in this process (warehouse {})", socket.display(), wh.display());
+            let e = embedded(&wh).await?;
+            let s = e.socket.clone();
+            local = Some(e);
+            s
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let sub = client::call(&sock, Method::POST, "/v1/runs", Some(plan.to_string().into_bytes())).await?;
+    let id = sub["id"].as_str().context("the agent returned no run id")?.to_owned();
+    println!("run {id}: {} nodes", plan["nodes"].as_array().map_or(0, Vec::len));
+    client::follow(&sock, &id, |e| {
+        let node = e["node"].as_str().unwrap_or("");
+        let at = e["at_ms"].as_f64().unwrap_or(0.0);
+        let msg = e["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default();
+        match e["event"].as_str().unwrap_or("") {
+            "node_started" => println!("{at:>9.1} ms  {node:<28} started"),
+            ev if ev.starts_with("node_") => println!("{at:>9.1} ms  {node:<28} {}{msg}", &ev[5..]),
+            ev => println!("{at:>9.1} ms  {}{msg}", ev.replace('_', " ")),
+        }
+    })
+    .await?;
+    let st = client::call(&sock, Method::GET, &format!("/v1/runs/{id}"), None).await?;
+    print_summary(&st);
+    if let Some(e) = local {
+        crate::server::stop_everything(&e.agent).await;
+        e.task.abort();
+    }
+    Ok(st["status"] == "succeeded")
+}
+
+fn print_summary(st: &serde_json::Value) {
+    println!();
+    println!("{:<28} {:<12} {:>10} {:>10} {:>14} {:>12}", "node", "state", "rows", "ms", "referenced", "copied");
+    for n in st["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {:<12} {:>10} {:>10.1} {:>14} {:>12}",
+            n["name"].as_str().unwrap_or(""),
+            n["state"].as_str().unwrap_or(""),
+            n["rows"],
+            n["wall_ms"].as_f64().unwrap_or(0.0),
+            human(n["bytes_referenced"].as_u64().unwrap_or(0)),
+            human(n["bytes_copied"].as_u64().unwrap_or(0)),
+        );
+        if let Some(e) = n["error"].as_str() {
+            println!("    {} error: {e}", n["error_kind"].as_str().unwrap_or(""));
+        }
+    }
+    println!("run {} {} in {:.1} ms", st["id"].as_str().unwrap_or(""), st["status"].as_str().unwrap_or(""), st["wall_ms"].as_f64().unwrap_or(0.0));
+}
+
+fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// `quiver status [RUN]`.
+pub async fn status(socket: &Path, run: Option<String>) -> Result<()> {
+    match run {
+        Some(id) => print_summary(&client::call(socket, Method::GET, &format!("/v1/runs/{id}"), None).await?),
+        None => {
+            let v = client::call(socket, Method::GET, "/v1/runs", None).await?;
+            for r in v["runs"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<10} {:>10.1} ms  {}",
+                    r["id"].as_str().unwrap_or(""),
+                    r["status"].as_str().unwrap_or(""),
+                    r["wall_ms"].as_f64().unwrap_or(0.0),
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `quiver tables`.
+pub async fn tables(socket: &Path) -> Result<()> {
+    let v = client::call(socket, Method::GET, "/v1/tables", None).await?;
+    for t in v["tables"].as_array().into_iter().flatten() {
+        println!("{}  {} rows  {}  [{}]", t["name"].as_str().unwrap_or(""), t["rows"], human(t["bytes"].as_u64().unwrap_or(0)), t["columns"].as_array().map(|c| c.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default());
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Projects: a folder of SQL models (`NAME.sql`, parents named in `FROM`/`JOIN`) and a
+//! `quiver.toml` naming the Parquet sources and per-model settings. The DAG follows from the
+//! names, as with `bauplan run`.
+//!
+//! ```toml
+//! [sources.trips]            # a scan node named `trips`
+//! path = "data/trips"        # relative to the project
+//! columns = ["pickup_location_id", "fare_amount"]   # optional projection
+//! filter = "fare_amount > 0"                         # optional filter
+//!
+//! [models.top_pickup_locations]
+//! materialize = true         # also write it to the warehouse
+//! mode = "replace"           # or "append"
+//! pin = false
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::plan::{MaterializeMode, valid_name};
+
+/// A source table.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Parquet file or folder, relative to the project.
+    pub path: PathBuf,
+    /// Projection.
+    pub columns: Option<Vec<String>>,
+    /// Filter.
+    pub filter: Option<String>,
+}
+
+/// Settings of one model.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Write it to the warehouse.
+    #[serde(default)]
+    pub materialize: bool,
+    /// Replace or append.
+    pub mode: Option<MaterializeMode>,
+    /// Keep the table in the agent after the run.
+    #[serde(default)]
+    pub pin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ProjectFile {
+    #[serde(default)]
+    sources: BTreeMap<String, Source>,
+    #[serde(default)]
+    models: BTreeMap<String, ModelSettings>,
+}
+
+/// Reads a project folder into a plan (JSON, as the API takes it).
+pub fn plan(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let dir = dir.canonicalize().map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let cfg_path = dir.join("quiver.toml");
+    let cfg: ProjectFile = match std::fs::read_to_string(&cfg_path) {
+        Ok(t) => toml::from_str(&t).map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ProjectFile::default(),
+        Err(e) => anyhow::bail!("{}: {e}", cfg_path.display()),
+    };
+    let mut models = BTreeMap::new();
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "sql") {
+            let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            anyhow::ensure!(valid_name(&name), "{}: a model name is letters, digits and underscores", p.display());
+            models.insert(name, std::fs::read_to_string(&p)?);
+        }
+    }
+    anyhow::ensure!(!models.is_empty(), "{} has no .sql models", dir.display());
+    for m in cfg.models.keys() {
+        anyhow::ensure!(models.contains_key(m), "quiver.toml configures model {m:?}, but there is no {m}.sql");
+    }
+    let mut nodes = Vec::new();
+    let mut used_sources = BTreeMap::new();
+    for (name, sql) in &models {
+        let parents: Vec<String> = referenced(sql)
+            .into_iter()
+            .filter(|r| r != name && (models.contains_key(r) || cfg.sources.contains_key(r)))
+            .collect();
+        for p in &parents {
+            if let Some(s) = cfg.sources.get(p) {
+                used_sources.insert(p.clone(), s.clone());
+            }
+        }
+        let settings = cfg.models.get(name).cloned().unwrap_or_default();
+        nodes.push(json!({"name": name, "kind": "sql", "sql": sql, "parents": parents, "pin": settings.pin}));
+        if settings.materialize {
+            nodes.push(json!({"name": format!("{name}__materialize"), "kind": "materialize", "parents": [name],
+                              "table": name, "mode": settings.mode.unwrap_or_default()}));
+        }
+    }
+    for (name, s) in used_sources {
+        let path = if s.path.is_absolute() { s.path.clone() } else { dir.join(&s.path) };
+        let mut n = json!({"name": name, "kind": "scan", "path": path.display().to_string()});
+        if let Some(c) = s.columns {
+            n["columns"] = json!(c);
+        }
+        if let Some(f) = s.filter {
+            n["filter"] = json!(f);
+        }
+        nodes.insert(0, n);
+    }
+    let name = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+    Ok(json!({"name": name, "nodes": nodes}))
+}
+
+/// Names that follow FROM or JOIN in `sql`, outside strings and comments.
+pub fn referenced(sql: &str) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    let cs: Vec<char> = sql.chars().collect();
+    let mut i = 0;
+    while i < cs.len() {
+        let c = cs[i];
+        if c == '\'' {
+            i += 1;
+            while i < cs.len() && !(cs[i] == '\'' && cs.get(i + 1) != Some(&'\'')) {
+                i += if cs[i] == '\'' { 2 } else { 1 };
+            }
+            i += 1;
+        } else if c == '-' && cs.get(i + 1) == Some(&'-') {
+            while i < cs.len() && cs[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && cs.get(i + 1) == Some(&'*') {
+            i += 2;
+            while i + 1 < cs.len() && !(cs[i] == '*' && cs[i + 1] == '/') {
+                i += 1;
+            }
+            i += 2;
+        } else if c == '"' {
+            let start = i + 1;
+            i += 1;
+            while i < cs.len() && cs[i] != '"' {
+                i += 1;
+            }
+            words.push(cs[start..i.min(cs.len())].iter().collect());
+            i += 1;
+        } else if c.is_alphanumeric() || c == '_' {
+            let start = i;
+            while i < cs.len() && (cs[i].is_alphanumeric() || cs[i] == '_' || cs[i] == '.') {
+                i += 1;
+            }
+            words.push(cs[start..i].iter().collect());
+        } else {
+            if c == ',' {
+                words.push(",".into());
+            }
+            i += 1;
+        }
+    }
+    let mut out = Vec::new();
+    for w in words.windows(2) {
+        let kw = w[0].to_ascii_uppercase();
+        if (kw == "FROM" || kw == "JOIN") && !out.contains(&w[1]) {
+            out.push(w[1].clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::referenced;
+
+    #[test]
+    fn finds_parents_in_from_and_join_only() {
+        let sql = "WITH x AS (SELECT * FROM a) -- FROM hidden\nSELECT 'FROM b', * FROM x JOIN \"c\" USING (k) /* JOIN d */ LEFT JOIN e ON true";
+        assert_eq!(referenced(sql), vec!["a", "x", "c", "e"]);
+    }
+}
