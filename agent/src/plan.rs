@@ -381,7 +381,11 @@ fn topo_order(nodes: &[NodeSpec], parents: &[Vec<usize>]) -> Result<Vec<usize>, 
         return Ok(order);
     }
     // Walk parents from any node left until one repeats: that is a cycle.
-    let mut at = (0..n).find(|&i| indegree[i] > 0).expect("some node is left");
+    // Nodes left are exactly those with unprocessed parents, so each has a parent left.
+    let left = |i: usize| parents[i].iter().copied().find(|&p| indegree[p] > 0);
+    let Some(mut at) = (0..n).find(|&i| indegree[i] > 0) else {
+        return Err(PlanError::Cycle(Vec::new()));
+    };
     let mut path = Vec::new();
     let mut pos = HashMap::new();
     loop {
@@ -393,7 +397,10 @@ fn topo_order(nodes: &[NodeSpec], parents: &[Vec<usize>]) -> Result<Vec<usize>, 
         }
         pos.insert(at, path.len());
         path.push(at);
-        at = *parents[at].iter().find(|&&p| indegree[p] > 0).expect("a node in a cycle has a parent in it");
+        let Some(next) = left(at) else {
+            return Err(PlanError::Cycle(path.iter().map(|&i| nodes[i].name.clone()).collect()));
+        };
+        at = next;
     }
 }
 
