@@ -13,6 +13,7 @@ mod plan;
 mod project;
 mod proto;
 mod server;
+mod sipc_socket;
 mod state;
 mod tables;
 mod taxi;

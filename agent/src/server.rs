@@ -115,6 +115,9 @@ pub async fn run_daemon(config: Config) -> Result<(), ServeError> {
     let listener = bind(&config.socket, config.socket_mode)?;
     let socket = config.socket.clone();
     let agent = Agent::new(config);
+    let sipc = crate::sipc_socket::path_for(&socket);
+    crate::sipc_socket::start(agent.clone(), &sipc, agent.config.socket_mode)
+        .map_err(|source| ServeError::Bind { path: sipc.display().to_string(), source })?;
     tracing::info!(socket = %socket.display(), warehouse = %agent.config.warehouse.display(), slots = agent.config.max_parallel, "quiver agent listening");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     if let Some(period) = sd_notify::watchdog_enabled() {
@@ -137,5 +140,6 @@ pub async fn run_daemon(config: Config) -> Result<(), ServeError> {
     };
     serve(agent, listener, shutdown).await;
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&sipc);
     Ok(())
 }

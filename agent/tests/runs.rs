@@ -149,3 +149,49 @@ fn sigterm_during_a_run_kills_the_workers_and_exits_0() {
         assert!(!std::path::Path::new(&format!("/proc/{p}")).exists(), "worker {p} survived");
     }
 }
+
+#[test]
+fn a_pinned_table_is_listed_and_handed_out_zero_copy() {
+    use std::os::fd::AsFd;
+    let a = TestAgent::start(&[]);
+    let plan = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id", "country"],
+                                 "filter": "trip_id < 5000", "pin": true}]});
+    let v = a.run(&plan);
+    assert_eq!(v["status"], "succeeded", "{v}");
+    let name = v["tables"][0].as_str().expect("a kept table").to_owned();
+    let (s, info) = a.json("GET", &format!("/v1/tables/{name}"), None);
+    assert_eq!(s, 200);
+    assert_eq!(info["rows"], 5000);
+    assert_eq!(info["columns"][1], "country: Utf8");
+
+    // The zero-copy endpoint: descriptor and sealed memfds over SCM_RIGHTS.
+    let path = format!("{}.sipc", a.socket().display());
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &nix::sys::socket::UnixAddr::new(path.as_str()).expect("addr"))
+        .expect("connect to the sipc endpoint");
+    let ask = |t: &str| {
+        quiver_shm::transport::send(sock.as_fd(), json!({"table": t}).to_string().as_bytes(), &[]).expect("send");
+        let (reply, _) = quiver_shm::transport::recv(sock.as_fd(), &Default::default()).expect("reply");
+        serde_json::from_slice::<serde_json::Value>(&reply).expect("json")
+    };
+    assert!(ask("nope")["error"].as_str().expect("error").contains("no table"));
+    assert_eq!(ask(&name)["rows"], 5000);
+    let (desc, fds) = quiver_shm::transport::recv(sock.as_fd(), &Default::default()).expect("table");
+    let t = quiver_shm::sipc::read_table(&desc, fds, &Default::default()).expect("a valid table");
+    let ids: u64 = t.batches.iter().map(|b| {
+        let c = b.column(0).as_any().downcast_ref::<arrow_array::Int64Array>().expect("int64");
+        c.values().iter().map(|&v| v as u64).sum::<u64>()
+    }).sum();
+    assert_eq!(ids, (0..5000u64).sum::<u64>());
+
+    let (s, _) = a.call("DELETE", &format!("/v1/tables/{name}"), None);
+    assert_eq!(s, 204);
+    let (_, m) = a.call("GET", "/metrics", None);
+    assert!(m.contains("quiver_table_bytes 0\n"), "{m}");
+}
