@@ -6,11 +6,13 @@ mod children;
 mod cli;
 mod client;
 mod config;
+mod duck;
 mod executor;
 mod filter;
 mod launch;
 mod plan;
 mod project;
+mod query;
 mod proto;
 mod server;
 mod sipc_socket;
@@ -51,6 +53,20 @@ enum Cmd {
         /// Warehouse of the in-process agent (default: PROJECT/warehouse).
         #[arg(long)]
         warehouse: Option<PathBuf>,
+    },
+    /// Query the warehouse's tables and the agent's kept tables with SQL (DuckDB).
+    Query {
+        /// The query.
+        sql: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: query::Format,
+        /// The warehouse folder.
+        #[arg(long, default_value = "/var/lib/quiver/warehouse")]
+        warehouse: PathBuf,
+        /// The agent's socket.
+        #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
+        socket: PathBuf,
     },
     /// Show runs, or one run's nodes.
     Status {
@@ -110,6 +126,7 @@ fn main() -> Result<()> {
             let ok = runtime()?.block_on(cli::run(&project, &socket, warehouse))?;
             std::process::exit(if ok { 0 } else { 1 })
         }
+        Cmd::Query { sql, format, warehouse, socket } => query::run(&sql, &warehouse, &socket, format),
         Cmd::Status { run, socket } => runtime()?.block_on(cli::status(&socket, run)),
         Cmd::Tables { socket } => runtime()?.block_on(cli::tables(&socket)),
         Cmd::GenTaxi { out, size } => {

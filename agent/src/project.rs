@@ -115,6 +115,20 @@ pub fn plan(dir: &Path) -> anyhow::Result<serde_json::Value> {
 
 /// Names that follow FROM or JOIN in `sql`, outside strings and comments.
 pub fn referenced(sql: &str) -> Vec<String> {
+    let words = identifiers(sql);
+    let mut out = Vec::new();
+    for w in words.windows(2) {
+        let kw = w[0].to_ascii_uppercase();
+        if (kw == "FROM" || kw == "JOIN") && !out.contains(&w[1]) {
+            out.push(w[1].clone());
+        }
+    }
+    out
+}
+
+/// The words and quoted names of `sql`, outside strings and comments (commas kept, so a word
+/// after FROM is the first table only).
+pub fn identifiers(sql: &str) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
     let cs: Vec<char> = sql.chars().collect();
     let mut i = 0;
@@ -157,14 +171,7 @@ pub fn referenced(sql: &str) -> Vec<String> {
             i += 1;
         }
     }
-    let mut out = Vec::new();
-    for w in words.windows(2) {
-        let kw = w[0].to_ascii_uppercase();
-        if (kw == "FROM" || kw == "JOIN") && !out.contains(&w[1]) {
-            out.push(w[1].clone());
-        }
-    }
-    out
+    words
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 mod materialize;
 mod scan;
+mod sql;
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -84,7 +85,7 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
 fn run(req: &Request, inputs: Vec<(String, SipcRead)>) -> Result<Output, WorkError> {
     match &req.task {
         Task::Scan { path, columns, filter } => scan::run(path, columns.as_deref(), filter.as_ref()),
-        Task::Sql { .. } => Err(WorkError::System("sql nodes are not available in this build yet".into())),
+        Task::Sql { sql } => sql::run(sql, &inputs),
         Task::Materialize { table, .. } => {
             let staging = req.staging.as_ref().ok_or_else(|| WorkError::System("no staging folder given".into()))?;
             let (_, input) = inputs.into_iter().next().ok_or_else(|| WorkError::System("materialize without input".into()))?;
