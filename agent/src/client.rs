@@ -41,13 +41,14 @@ async fn send(sock: &Path, method: Method, path: &str, body: Option<Vec<u8>>) ->
     let stream = UnixStream::connect(sock).await.map_err(|source| ClientError::Connect { path: sock.display().to_string(), source })?;
     let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
+    // The path carries user input (a run id): a malformed one is the caller's error.
     let req = Request::builder()
         .method(method)
         .uri(path)
         .header("host", "quiver")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .expect("a well-formed request");
+        .map_err(|e| ClientError::Refused { status: StatusCode::BAD_REQUEST, message: format!("{path:?}: {e}") })?;
     Ok(tx.send_request(req).await?)
 }
 

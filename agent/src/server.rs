@@ -55,6 +55,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// Installing the SIGTERM handler failed.
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
     /// Recovering the warehouse failed.
     #[error(transparent)]
     Warehouse(#[from] crate::warehouse::WarehouseError),
@@ -129,8 +132,9 @@ pub async fn run_daemon(config: Config) -> Result<(), ServeError> {
             }
         });
     }
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServeError::Signal)?;
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
