@@ -1,4 +1,4 @@
-//! Compiles the DuckDB Arrow-scan shim (shim/arrow_scan.cpp) against the bundled DuckDB's
+//! Compiles the DuckDB shims (shim/arrow_scan.cpp, shim/arrow_export.cpp) against the bundled DuckDB's
 //! headers, which libduckdb-sys publishes (`links = "duckdb"` → `DEP_DUCKDB_INCLUDE`).
 
 fn main() {
@@ -13,6 +13,8 @@ fn main() {
         .define("NDEBUG", None)
         .warnings(false)
         .file("shim/arrow_scan.cpp")
+        .file("shim/arrow_export.cpp")
         .compile("quiver_duckdb_shim");
     println!("cargo:rerun-if-changed=shim/arrow_scan.cpp");
+    println!("cargo:rerun-if-changed=shim/arrow_export.cpp");
 }

@@ -84,7 +84,7 @@ fn print_summary(st: &serde_json::Value) {
             "{:<28} {:<12} {:>10} {:>10.1} {:>14} {:>12}",
             n["name"].as_str().unwrap_or(""),
             n["state"].as_str().unwrap_or(""),
-            n["rows"],
+            n["rows"].as_u64().unwrap_or(0),
             n["wall_ms"].as_f64().unwrap_or(0.0),
             human(n["bytes_referenced"].as_u64().unwrap_or(0)),
             human(n["bytes_copied"].as_u64().unwrap_or(0)),

@@ -32,6 +32,10 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: quiver_shm::ArenaAlloc = quiver_shm::ArenaAlloc::new(4 << 10);
 
+// C and C++ code (DuckDB's Arrow export in the SQL worker) allocates in the arena inside a
+// malloc scope; everywhere else these forward to glibc.
+quiver_shm::interpose_malloc!();
+
 #[derive(Parser)]
 #[command(name = "quiver", version, about = "Run DAGs of functions over a zero-copy Arrow arena")]
 struct Cli {

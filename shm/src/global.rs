@@ -77,6 +77,9 @@ unsafe impl GlobalAlloc for ArenaAlloc {
                 return unsafe { chunk.base().add(off) as *mut u8 };
             }
         }
+        // System calls C's malloc, which a malloc scope (crate::cmalloc) would send to the
+        // arena; Rust's own small objects belong on the heap.
+        let _g = registry::InArena::enter();
         // SAFETY: forwarded with the caller's layout.
         unsafe { System.alloc(layout) }
     }
@@ -88,6 +91,7 @@ unsafe impl GlobalAlloc for ArenaAlloc {
             chunk.release(off, layout.size());
             return;
         }
+        let _g = registry::InArena::enter();
         // SAFETY: not an arena pointer, so System produced it with this layout.
         unsafe { System.dealloc(ptr, layout) }
     }

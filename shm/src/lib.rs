@@ -8,6 +8,7 @@
 //! maps it with [`sipc::read_table`].
 
 pub mod arena;
+pub mod cmalloc;
 pub mod error;
 pub mod global;
 pub mod mapping;

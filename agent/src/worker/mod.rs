@@ -75,7 +75,12 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
             let t = w.finish()?;
             let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied };
             send_json(sock, &Reply::Table { rows, bytes })?;
-            send_table(sock, &t)
+            send_table(sock, &t)?;
+            // The process exits next. Releasing the batches would let DuckDB write to its array
+            // holders, which were allocated in the arena beside the buffers and are read-only
+            // now that the table is sealed.
+            std::mem::forget(batches);
+            Ok(())
         }
         Ok(Output::Staged(rows, files)) => send_json(sock, &Reply::Staged { rows, files }),
         Err(e) => send_json(sock, &Reply::Failed { user: matches!(e, WorkError::User(_)), message: e.to_string() }),
