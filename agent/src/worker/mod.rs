@@ -65,7 +65,8 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
             .map_err(|e| quiver_shm::ShmError::Protocol(format!("input {name}: {e}")))?;
         inputs.push((name.clone(), t));
     }
-    match run(&req, inputs) {
+    // Inputs stay mapped until the process exits (and for QUIVER_DEBUG_STOP_NODE).
+    match run(&req, &inputs) {
         Ok(Output::Table(batches, schema)) => {
             let mut w = TableWriter::new(schema);
             for b in &batches {
@@ -76,6 +77,7 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
             let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied };
             send_json(sock, &Reply::Table { rows, bytes })?;
             send_table(sock, &t)?;
+            stop_if_asked(&req.node);
             // The process exits next. Releasing the batches would let DuckDB write to its array
             // holders, which were allocated in the arena beside the buffers and are read-only
             // now that the table is sealed.
@@ -87,15 +89,25 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
     }
 }
 
-fn run(req: &Request, inputs: Vec<(String, SipcRead)>) -> Result<Output, WorkError> {
+fn run(req: &Request, inputs: &[(String, SipcRead)]) -> Result<Output, WorkError> {
     match &req.task {
         Task::Scan { path, columns, filter } => scan::run(path, columns.as_deref(), filter.as_ref()),
-        Task::Sql { sql } => sql::run(sql, &inputs),
+        Task::Sql { sql } => sql::run(sql, inputs),
         Task::Materialize { table, .. } => {
             let staging = req.staging.as_ref().ok_or_else(|| WorkError::System("no staging folder given".into()))?;
-            let (_, input) = inputs.into_iter().next().ok_or_else(|| WorkError::System("materialize without input".into()))?;
-            materialize::run(table, &input, staging)
+            let (_, input) = inputs.first().ok_or_else(|| WorkError::System("materialize without input".into()))?;
+            materialize::run(table, input, staging)
         }
+    }
+}
+
+/// A debugging aid: with `QUIVER_DEBUG_STOP_NODE=NAME[,NAME...]` in the agent's environment, the
+/// worker of each node named stops itself (SIGSTOP) after handing over its output, its inputs
+/// still mapped, so its memory can be inspected (`/proc/PID/maps`, `pagemap`) before `kill -CONT`.
+fn stop_if_asked(node: &str) {
+    if std::env::var("QUIVER_DEBUG_STOP_NODE").is_ok_and(|v| v.split(',').any(|n| n == node)) {
+        // SAFETY: raise has no memory effects.
+        unsafe { libc::raise(libc::SIGSTOP) };
     }
 }
 

@@ -17,6 +17,11 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub fn start(extra: &[&str]) -> TestAgent {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// An agent with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
         let child = Command::new(BIN)
@@ -26,6 +31,7 @@ impl TestAgent {
             .arg(dir.path().join("warehouse"))
             .args(extra)
             .env("QUIVER_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
