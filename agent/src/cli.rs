@@ -37,9 +37,28 @@ async fn embedded(warehouse: &Path) -> Result<Embedded> {
     Ok(Embedded { _dir: dir, socket, agent, task })
 }
 
+/// Options of `quiver run`.
+pub struct RunOptions {
+    /// Warehouse of an in-process agent.
+    pub warehouse: Option<PathBuf>,
+    /// The plan's `edges`.
+    pub edges: String,
+    /// Final status as JSON on stdout, progress on stderr.
+    pub json: bool,
+}
+
+/// Prints progress: to stdout normally, to stderr when stdout carries JSON.
+macro_rules! progress {
+    ($json:expr, $($t:tt)*) => {
+        if $json { eprintln!($($t)*) } else { println!($($t)*) }
+    };
+}
+
 /// `quiver run PROJECT`.
-pub async fn run(project: &Path, socket: &Path, warehouse: Option<PathBuf>) -> Result<bool> {
-    let plan = crate::project::plan(project)?;
+pub async fn run(project: &Path, socket: &Path, opts: RunOptions) -> Result<bool> {
+    let RunOptions { warehouse, edges, json } = opts;
+    let mut plan = crate::project::plan(project)?;
+    plan["edges"] = serde_json::Value::String(edges);
     let mut local = None;
     let sock = match client::call(socket, Method::GET, "/healthz", None).await {
         Ok(_) => socket.to_path_buf(),
@@ -55,20 +74,24 @@ pub async fn run(project: &Path, socket: &Path, warehouse: Option<PathBuf>) -> R
     };
     let sub = client::call(&sock, Method::POST, "/v1/runs", Some(plan.to_string().into_bytes())).await?;
     let id = sub["id"].as_str().context("the agent returned no run id")?.to_owned();
-    println!("run {id}: {} nodes", plan["nodes"].as_array().map_or(0, Vec::len));
+    progress!(json, "run {id}: {} nodes", plan["nodes"].as_array().map_or(0, Vec::len));
     client::follow(&sock, &id, |e| {
         let node = e["node"].as_str().unwrap_or("");
         let at = e["at_ms"].as_f64().unwrap_or(0.0);
         let msg = e["message"].as_str().map(|m| format!(": {m}")).unwrap_or_default();
         match e["event"].as_str().unwrap_or("") {
-            "node_started" => println!("{at:>9.1} ms  {node:<28} started"),
-            ev if ev.starts_with("node_") => println!("{at:>9.1} ms  {node:<28} {}{msg}", &ev[5..]),
-            ev => println!("{at:>9.1} ms  {}{msg}", ev.replace('_', " ")),
+            "node_started" => progress!(json, "{at:>9.1} ms  {node:<28} started"),
+            ev if ev.starts_with("node_") => progress!(json, "{at:>9.1} ms  {node:<28} {}{msg}", &ev[5..]),
+            ev => progress!(json, "{at:>9.1} ms  {}{msg}", ev.replace('_', " ")),
         }
     })
     .await?;
     let st = client::call(&sock, Method::GET, &format!("/v1/runs/{id}"), None).await?;
-    print_summary(&st);
+    if json {
+        println!("{st}");
+    } else {
+        print_summary(&st);
+    }
     if let Some(e) = local {
         crate::server::stop_everything(&e.agent).await;
         e.task.abort();
@@ -78,14 +101,15 @@ pub async fn run(project: &Path, socket: &Path, warehouse: Option<PathBuf>) -> R
 
 fn print_summary(st: &serde_json::Value) {
     println!();
-    println!("{:<28} {:<12} {:>10} {:>10} {:>14} {:>12}", "node", "state", "rows", "ms", "referenced", "copied");
+    println!("{:<28} {:<10} {:>10} {:>10} {:>9} {:>12} {:>12}", "node", "state", "rows", "ms", "start ms", "referenced", "copied");
     for n in st["nodes"].as_array().into_iter().flatten() {
         println!(
-            "{:<28} {:<12} {:>10} {:>10.1} {:>14} {:>12}",
+            "{:<28} {:<10} {:>10} {:>10.1} {:>9.2} {:>12} {:>12}",
             n["name"].as_str().unwrap_or(""),
             n["state"].as_str().unwrap_or(""),
             n["rows"].as_u64().unwrap_or(0),
             n["wall_ms"].as_f64().unwrap_or(0.0),
+            n["overhead_ms"].as_f64().unwrap_or(0.0),
             human(n["bytes_referenced"].as_u64().unwrap_or(0)),
             human(n["bytes_copied"].as_u64().unwrap_or(0)),
         );

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::launch::{NodeError, NodeOutput, run_worker};
+use crate::launch::{NodeError, NodeOutput, Timing, run_worker};
 use crate::plan::Task;
 use crate::proto::Request;
 use crate::state::{Agent, ErrorKind, Metrics, NodeStatus, Run, RunStatus};
@@ -23,7 +23,9 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
     let mut consumers: Vec<usize> = nodes.iter().map(|x| x.children.len()).collect();
     let mut status = vec![NodeStatus::Pending; n];
     let mut staged: Vec<Staged> = Vec::new();
-    let mut set: JoinSet<(usize, f64, Result<NodeOutput, NodeError>)> = JoinSet::new();
+    let mut set: JoinSet<(usize, f64, Result<(NodeOutput, Timing), NodeError>)> = JoinSet::new();
+    // When each node's output reached the agent (monotonic_ns), for its children's overhead.
+    let mut done_ns: Vec<u64> = vec![0; n];
     let mut failed = false;
     let mut stopping = agent.stopping.subscribe();
     loop {
@@ -60,8 +62,15 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
         };
         let name = nodes[i].name.clone();
         match result {
-            Ok(out) => {
+            Ok((out, timing)) => {
                 status[i] = NodeStatus::Succeeded;
+                done_ns[i] = timing.done_ns;
+                // The node could start when its last parent's output was in hand (or the run was
+                // submitted); it waited for a slot, then the agent launched it.
+                let ready_ns = nodes[i].parents.iter().map(|&p| done_ns[p]).max().unwrap_or(run.t0_ns);
+                let launch_ns = ready_ns.max(timing.slot_ns);
+                let queued_ms = launch_ns.saturating_sub(ready_ns) as f64 / 1e6;
+                let overhead_ms = timing.started_ns.saturating_sub(launch_ns) as f64 / 1e6;
                 let (rows, referenced, copied) = match out {
                     NodeOutput::Table(t, b) => {
                         let rows = t.rows;
@@ -84,6 +93,8 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
                     ns.rows = rows;
                     ns.bytes_referenced = referenced;
                     ns.bytes_copied = copied;
+                    ns.overhead_ms = Some(overhead_ms);
+                    ns.queued_ms = Some(queued_ms);
                 });
                 run.emit("node_succeeded", Some(&name), Some(format!("{rows} rows")), None);
                 // Release parents whose last consumer this was, unless pinned.
@@ -194,14 +205,15 @@ fn finish(agent: &Agent, run: &Run, status: &[NodeStatus], outputs: &mut [Option
 }
 
 /// Waits for a slot, then runs node `i` in a worker.
-async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>) -> (usize, f64, Result<NodeOutput, NodeError>) {
+async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>) -> (usize, f64, Result<(NodeOutput, Timing), NodeError>) {
     let node = &run.plan.nodes[i];
     let mut cancel = run.cancel.subscribe();
-    let permit = tokio::select! {
-        p = agent.slots.clone().acquire_owned() => p,
+    // Busy slots go to higher-priority runs first.
+    let _slot = tokio::select! {
+        s = agent.slots.acquire(run.plan.priority) => s,
         _ = cancel.wait_for(|c| *c) => return (i, 0.0, Err(NodeError::Cancelled)),
     };
-    let Ok(_permit) = permit else { return (i, 0.0, Err(NodeError::Cancelled)) };
+    let slot_ns = crate::proto::monotonic_ns();
     let started = run.ms();
     run.update(|s| {
         s.nodes[i].state = NodeStatus::Running;
@@ -217,8 +229,9 @@ async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>
         task: node.task.clone(),
         inputs: node.parents.iter().map(|&p| run.plan.nodes[p].name.clone()).collect(),
         staging,
+        edges: run.plan.edges,
     };
     let timeout = Duration::from_secs_f64(node.resources.timeout_s.unwrap_or(agent.config.default_timeout_s));
     let r = run_worker(req, inputs, timeout, run.cancel.subscribe()).await;
-    (i, run.ms() - started, r)
+    (i, run.ms() - started, r.map(|(out, t)| (out, Timing { slot_ns, ..t })))
 }

@@ -16,7 +16,7 @@ use quiver_shm::sipc::{Limits, RawDescriptor};
 use quiver_shm::transport::{RecvLimits, recv, send};
 use tokio::sync::watch;
 
-use crate::proto::{Bytes, Reply, Request, recv_json, send_json};
+use crate::proto::{Bytes, Hello, Reply, Request, monotonic_ns, recv_json, send_json};
 use crate::tables::StoredTable;
 
 /// How a node ended, when it did not succeed.
@@ -45,13 +45,24 @@ pub enum NodeOutput {
     Staged(u64, Vec<PathBuf>),
 }
 
+/// When a worker started and when its output was in the agent's hands ([`monotonic_ns`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// A slot was granted (set by the executor).
+    pub slot_ns: u64,
+    /// The worker's first instruction.
+    pub started_ns: u64,
+    /// Its answer (and output) received.
+    pub done_ns: u64,
+}
+
 /// Runs one request in a fresh worker process.
 pub async fn run_worker(
     req: Request,
     inputs: Vec<std::sync::Arc<StoredTable>>,
     timeout: Duration,
     mut cancel: watch::Receiver<bool>,
-) -> Result<NodeOutput, NodeError> {
+) -> Result<(NodeOutput, Timing), NodeError> {
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
     let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
     let exe = std::env::current_exe().map_err(|e| sys("finding the quiver binary", &e))?;
@@ -103,15 +114,16 @@ pub async fn run_worker(
 }
 
 /// The blocking conversation with the worker.
-fn converse(sock: OwnedFd, req: Request, inputs: Vec<std::sync::Arc<StoredTable>>) -> Result<NodeOutput, NodeError> {
+fn converse(sock: OwnedFd, req: Request, inputs: Vec<std::sync::Arc<StoredTable>>) -> Result<(NodeOutput, Timing), NodeError> {
     let lost = |e: quiver_shm::ShmError| NodeError::System(format!("worker connection: {e}"));
     send_json(sock.as_fd(), &req).map_err(lost)?;
     for t in &inputs {
         let fds: Vec<_> = t.segments.iter().map(|s| s.as_fd()).collect();
         send(sock.as_fd(), &t.descriptor, &fds).map_err(lost)?;
     }
+    let hello: Hello = recv_json(sock.as_fd()).map_err(lost)?;
     let reply: Reply = recv_json(sock.as_fd()).map_err(lost)?;
-    match reply {
+    let out = match reply {
         Reply::Failed { user: true, message } => Err(NodeError::User(message)),
         Reply::Failed { user: false, message } => Err(NodeError::System(message)),
         Reply::Staged { rows, files } => Ok(NodeOutput::Staged(rows, files)),
@@ -120,7 +132,8 @@ fn converse(sock: OwnedFd, req: Request, inputs: Vec<std::sync::Arc<StoredTable>
             let table = admit(desc, fds, rows).map_err(|e| NodeError::System(format!("worker sent a bad table: {e}")))?;
             Ok(NodeOutput::Table(table, bytes))
         }
-    }
+    }?;
+    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns() }))
 }
 
 /// Checks a table from an untrusted worker without reading its data: the descriptor parses

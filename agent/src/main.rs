@@ -15,7 +15,9 @@ mod project;
 mod query;
 mod proto;
 mod server;
+mod single;
 mod sipc_socket;
+mod slots;
 mod state;
 mod tables;
 mod taxi;
@@ -57,6 +59,17 @@ enum Cmd {
         /// Warehouse of the in-process agent (default: PROJECT/warehouse).
         #[arg(long)]
         warehouse: Option<PathBuf>,
+        /// How tables travel between nodes: `arena` (by reference) or `ipc` (copied through an
+        /// Arrow IPC stream, for comparison).
+        #[arg(long, default_value = "arena", value_parser = ["arena", "ipc"])]
+        edges: String,
+        /// Print the finished run's status as JSON on stdout (progress goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Run the whole DAG in one DuckDB in this process instead (no agent, no workers): the
+        /// reference quiver is measured against. Materialized models go to --warehouse.
+        #[arg(long, conflicts_with = "edges")]
+        duckdb_only: bool,
     },
     /// Query the warehouse's tables and the agent's kept tables with SQL (DuckDB).
     Query {
@@ -123,11 +136,25 @@ struct AgentArgs {
 }
 
 fn main() -> Result<()> {
+    // A worker's first instruction, as near as Rust gets: the end of the agent's overhead.
+    let started_ns = proto::monotonic_ns();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Worker => std::process::exit(worker::main()),
-        Cmd::Run { project, socket, warehouse } => {
-            let ok = runtime()?.block_on(cli::run(&project, &socket, warehouse))?;
+        Cmd::Worker => std::process::exit(worker::main(started_ns)),
+        Cmd::Run { project, duckdb_only: true, warehouse, json, .. } => {
+            let plan = project::plan(&project)?;
+            let wh = warehouse.unwrap_or_else(|| project.join("warehouse"));
+            let summary = single::run(&plan, &wh.join(".duckdb-only"))?;
+            if json {
+                println!("{summary}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            }
+            Ok(())
+        }
+        Cmd::Run { project, socket, warehouse, edges, json, .. } => {
+            let opts = cli::RunOptions { warehouse, edges, json };
+            let ok = runtime()?.block_on(cli::run(&project, &socket, opts))?;
             std::process::exit(if ok { 0 } else { 1 })
         }
         Cmd::Query { sql, format, warehouse, socket } => query::run(&sql, &warehouse, &socket, format),

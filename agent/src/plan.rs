@@ -20,6 +20,9 @@ pub struct Plan {
     /// Higher runs first when the node is busy.
     #[serde(default)]
     pub priority: i32,
+    /// How tables travel between nodes.
+    #[serde(default)]
+    pub edges: Edges,
     /// The functions, in any order; the DAG follows from `parents`.
     pub nodes: Vec<NodeSpec>,
 }
@@ -34,6 +37,18 @@ pub enum NodeKind {
     Sql,
     /// Write the parent's table into the warehouse.
     Materialize,
+}
+
+/// How tables travel between nodes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Edges {
+    /// By reference, in the arena's sealed segments: zero copy.
+    #[default]
+    Arena,
+    /// Copied through an Arrow IPC stream: each output is encoded as a stream and decoded into
+    /// fresh memory before it is handed on (the copying baseline of the pipeline benchmark).
+    Ipc,
 }
 
 /// How a materialization treats the existing table.
@@ -149,6 +164,8 @@ pub struct ValidPlan {
     pub name: Option<String>,
     /// Priority.
     pub priority: i32,
+    /// How tables travel between nodes.
+    pub edges: Edges,
     /// Nodes, parents before children.
     pub nodes: Vec<Node>,
 }
@@ -268,7 +285,7 @@ impl Plan {
                 nodes[p].children.push(i);
             }
         }
-        Ok(ValidPlan { name: self.name.clone(), priority: self.priority, nodes })
+        Ok(ValidPlan { name: self.name.clone(), priority: self.priority, edges: self.edges, nodes })
     }
 }
 

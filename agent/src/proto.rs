@@ -3,6 +3,7 @@
 //! `quiver_shm::transport`; tables travel as SIPC messages right after the message naming them.
 //!
 //! ```text
+//! worker -> agent    Hello (JSON), as soon as it starts
 //! agent  -> worker   Request (JSON), then one SIPC table per input, in `inputs` order
 //! worker -> agent    Reply (JSON); after Reply::Table, the output as one SIPC table
 //! ```
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Task;
+use crate::plan::{Edges, Task};
 
 /// Largest JSON message either side accepts.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -30,6 +31,25 @@ pub struct Request {
     pub inputs: Vec<String>,
     /// Where a materialization stages its files.
     pub staging: Option<PathBuf>,
+    /// How the output is handed on.
+    #[serde(default)]
+    pub edges: Edges,
+}
+
+/// The worker's first message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Hello {
+    /// When its `main` began, on [`monotonic_ns`]'s clock: the end of the agent's per-node
+    /// overhead.
+    pub started_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in ns: one clock for every process on the machine, so the agent can compare
+/// a worker's start with its own events.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// Bytes a node handed on, per way.

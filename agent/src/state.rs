@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 
 use crate::config::Config;
 use crate::plan::{NodeKind, Task, ValidPlan};
@@ -70,6 +70,12 @@ pub struct NodeState {
     pub started_ms: Option<f64>,
     /// Wall time of the function, ms.
     pub wall_ms: Option<f64>,
+    /// Time waiting for a free slot, ms, once the node could start (its last parent's output
+    /// received, or the run submitted).
+    pub queued_ms: Option<f64>,
+    /// The agent's overhead, ms: from the moment the node could start and had a slot to its
+    /// worker's first instruction.
+    pub overhead_ms: Option<f64>,
     /// Rows of its output.
     pub rows: u64,
     /// Output bytes handed on by reference.
@@ -135,6 +141,8 @@ pub struct Run {
     pub plan: ValidPlan,
     /// When it was submitted.
     pub t0: Instant,
+    /// The same moment on `proto::monotonic_ns`'s clock.
+    pub t0_ns: u64,
     state: Mutex<RunState>,
     log: Mutex<Vec<Event>>,
     /// Live events.
@@ -159,6 +167,8 @@ impl Run {
                 state: NodeStatus::Pending,
                 started_ms: None,
                 wall_ms: None,
+                queued_ms: None,
+                overhead_ms: None,
                 rows: 0,
                 bytes_referenced: 0,
                 bytes_copied: 0,
@@ -180,7 +190,7 @@ impl Run {
         };
         let (events, _) = broadcast::channel(1024);
         let (cancel, _) = watch::channel(false);
-        Arc::new(Run { id, plan, t0: Instant::now(), state: Mutex::new(state), log: Mutex::new(Vec::new()), events, cancel })
+        Arc::new(Run { id, plan, t0: Instant::now(), t0_ns: crate::proto::monotonic_ns(), state: Mutex::new(state), log: Mutex::new(Vec::new()), events, cancel })
     }
 
     /// ms since submission.
@@ -260,7 +270,7 @@ pub struct Agent {
     /// Tables kept by name.
     pub tables: Mutex<BTreeMap<String, TableRef>>,
     /// Slots for function processes.
-    pub slots: Arc<Semaphore>,
+    pub slots: Arc<crate::slots::Slots>,
     /// Counters.
     pub metrics: Metrics,
     /// Set when the agent is stopping.
@@ -272,7 +282,7 @@ impl Agent {
     pub fn new(config: Config) -> Arc<Agent> {
         let (stopping, _) = watch::channel(false);
         Arc::new(Agent {
-            slots: Arc::new(Semaphore::new(config.max_parallel)),
+            slots: crate::slots::Slots::new(config.max_parallel),
             config,
             runs: Mutex::new(BTreeMap::new()),
             next_run: AtomicU64::new(1),

@@ -2,8 +2,10 @@
 //! run and prints a table (or, with `--json`, one JSON object per measurement).
 //!
 //! `cargo run --release -p quiver-bench -- handoff [--rows 1000000,10000000] [--json]`
+//! `cargo run --release -p quiver-bench -- pipeline [--trips 10000000] [--json]`
 
 mod handoff;
+mod pipeline;
 mod proc;
 mod scan;
 mod table;
@@ -23,6 +25,9 @@ enum Bench {
     /// Hand a wide table from one process to another: SIPC, Arrow IPC stream, Arrow IPC file
     /// in /dev/shm, Parquet on disk.
     Handoff(handoff::Args),
+    /// The example DAG at 10M trips: quiver with the arena, quiver copying every edge through
+    /// an Arrow IPC stream, and one DuckDB in one process.
+    Pipeline(pipeline::Args),
     /// The receiving process of `handoff` (started by it, not by hand).
     #[command(hide = true)]
     HandoffChild(handoff::ChildArgs),
@@ -31,6 +36,7 @@ enum Bench {
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Handoff(a) => handoff::run(a),
+        Bench::Pipeline(a) => pipeline::run(a),
         Bench::HandoffChild(a) => handoff::child(a),
     }
 }

@@ -2,6 +2,7 @@
 //! tables from fd 3, runs the task, and answers with its output. The agent never parses table
 //! data itself; every scan, query and write happens here.
 
+mod ipc;
 mod materialize;
 mod scan;
 mod sql;
@@ -12,8 +13,8 @@ use arrow_array::RecordBatch;
 use quiver_shm::sipc::{ReadOptions, SipcRead, TableWriter, read_table};
 use quiver_shm::transport::{RecvLimits, recv, send_table};
 
-use crate::plan::Task;
-use crate::proto::{Bytes, Reply, Request, recv_json, send_json};
+use crate::plan::{Edges, Task};
+use crate::proto::{Bytes, Hello, Reply, Request, recv_json, send_json};
 
 /// A failure of the function, told apart from a failure of the system.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +42,10 @@ pub enum Output {
 }
 
 /// Runs the worker on fd 3; returns the process exit code.
-pub fn main() -> i32 {
+pub fn main(started_ns: u64) -> i32 {
     // SAFETY: the agent passes the socket as fd 3; nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(3) };
-    match serve(sock.as_fd()) {
+    match serve(sock.as_fd(), started_ns) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("quiver worker: {e}");
@@ -53,7 +54,8 @@ pub fn main() -> i32 {
     }
 }
 
-fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
+fn serve(sock: BorrowedFd<'_>, started_ns: u64) -> quiver_shm::Result<()> {
+    send_json(sock, &Hello { started_ns })?;
     let req: Request = recv_json(sock)?;
     set_process_name(&format!("quiver:{}", req.node));
     let limits = RecvLimits::default();
@@ -68,13 +70,22 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
     // Inputs stay mapped until the process exits (and for QUIVER_DEBUG_STOP_NODE).
     match run(&req, &inputs) {
         Ok(Output::Table(batches, schema)) => {
+            let (batches, ipc_copied) = match req.edges {
+                Edges::Arena => (batches, 0),
+                Edges::Ipc => {
+                    let (copies, n) = ipc::copy(&batches, &schema)?;
+                    // The originals are DuckDB's or the scan's; see the forget below.
+                    std::mem::forget(batches);
+                    (copies, n)
+                }
+            };
             let mut w = TableWriter::new(schema);
             for b in &batches {
                 w.write(b)?;
             }
             let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
             let t = w.finish()?;
-            let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied };
+            let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied + ipc_copied };
             send_json(sock, &Reply::Table { rows, bytes })?;
             send_table(sock, &t)?;
             stop_if_asked(&req.node);
