@@ -101,7 +101,13 @@ pub fn plan(dir: &Path) -> anyhow::Result<serde_json::Value> {
     for (name, s) in used_sources {
         let path = if s.path.is_absolute() { s.path.clone() } else { dir.join(&s.path) };
         let mut n = json!({"name": name, "kind": "scan", "path": path.display().to_string()});
-        if let Some(c) = s.columns {
+        // Without a projection, read only the columns the models reading the source use.
+        let readers: Vec<&str> = models.iter().filter(|(m, sql)| *m != &name && referenced(sql).contains(&name)).map(|(_, sql)| sql.as_str()).collect();
+        let columns = s.columns.or_else(|| {
+            let all = parquet_columns(&path)?;
+            used_columns(&all, &readers).filter(|c| !c.is_empty() && c.len() < all.len())
+        });
+        if let Some(c) = columns {
             n["columns"] = json!(c);
         }
         if let Some(f) = s.filter {
@@ -165,8 +171,8 @@ pub fn identifiers(sql: &str) -> Vec<String> {
             }
             words.push(cs[start..i].iter().collect());
         } else {
-            if c == ',' {
-                words.push(",".into());
+            if c == ',' || c == '*' {
+                words.push(c.into());
             }
             i += 1;
         }
@@ -174,9 +180,52 @@ pub fn identifiers(sql: &str) -> Vec<String> {
     words
 }
 
+/// The columns of `source` that `models` (the SQL of the models reading it) can use: every word
+/// of theirs that names one of its columns, or all of them when one selects `*`. Reading only
+/// these is what DuckDB's own projection pushdown would do.
+pub fn used_columns(schema_columns: &[String], models: &[&str]) -> Option<Vec<String>> {
+    let mut used = std::collections::BTreeSet::new();
+    for sql in models {
+        let words = identifiers(sql);
+        for (i, w) in words.iter().enumerate() {
+            if w == "*" {
+                let prev = i.checked_sub(1).map(|p| words[p].to_ascii_lowercase()).unwrap_or_default();
+                // `SELECT *`, `DISTINCT *`, `a, *`, `t.*`: a star projection, not a product or count(*).
+                if matches!(prev.as_str(), "select" | "distinct" | "all" | ",") || prev.ends_with('.') {
+                    return None;
+                }
+            }
+            let name = w.rsplit('.').next().unwrap_or(w);
+            if let Some(c) = schema_columns.iter().find(|c| c.eq_ignore_ascii_case(name)) {
+                used.insert(c.clone());
+            }
+        }
+    }
+    // Keep the file's column order.
+    Some(schema_columns.iter().filter(|c| used.contains(*c)).cloned().collect())
+}
+
+/// Column names of the first Parquet file of `path`, if it can be read.
+fn parquet_columns(path: &Path) -> Option<Vec<String>> {
+    let first = crate::worker::parquet_files(path).ok()?.into_iter().next()?;
+    let f = std::fs::File::open(first).ok()?;
+    let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).ok()?;
+    Some(b.schema().fields().iter().map(|f| f.name().clone()).collect())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::referenced;
+    use super::{referenced, used_columns};
+
+    #[test]
+    fn used_columns_are_the_named_ones_unless_a_star_selects_all() {
+        let cols: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let got = used_columns(&cols, &["SELECT t.b, count(*), a * 2 FROM src t WHERE \"D\" > 1"]);
+        assert_eq!(got, Some(vec!["a".into(), "b".into(), "d".into()]));
+        assert_eq!(used_columns(&cols, &["SELECT * FROM src"]), None);
+        assert_eq!(used_columns(&cols, &["SELECT x.*, 1 FROM src x"]), None);
+        assert_eq!(used_columns(&cols, &["SELECT a FROM src", "SELECT DISTINCT * FROM src"]), None);
+    }
 
     #[test]
     fn finds_parents_in_from_and_join_only() {

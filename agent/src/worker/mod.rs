@@ -5,6 +5,8 @@
 mod ipc;
 mod materialize;
 mod scan;
+
+pub use scan::parquet_files;
 mod sql;
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -1,14 +1,16 @@
 //! The scan function: Parquet files into Arrow built directly in the arena, with column
-//! projection, row-group pruning from statistics, and the exact filter applied after.
+//! projection, row-group pruning from statistics, and the exact filter applied after; row
+//! groups are decoded in parallel, one thread per core.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
 use arrow_schema::{Schema, SchemaRef};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use quiver_shm::Arena;
 
 use super::{Output, WorkError};
@@ -18,7 +20,7 @@ use crate::filter::Filter;
 const BATCH_ROWS: usize = 128 * 1024;
 
 /// The Parquet files of `path`: itself, or the `*.parquet` files in it, sorted.
-pub fn files(path: &Path) -> Result<Vec<PathBuf>, WorkError> {
+pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, WorkError> {
     let meta = std::fs::metadata(path).map_err(|e| WorkError::User(format!("{}: {e}", path.display())))?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
@@ -37,71 +39,124 @@ pub fn files(path: &Path) -> Result<Vec<PathBuf>, WorkError> {
 
 pub fn run(path: &str, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Output, WorkError> {
     let arena = Arena::named("scan");
-    // Inside the scope every Arrow buffer the decoder and the filter allocate lands in the
-    // arena, so the output is handed on by reference.
-    arena.scope(|| scan(Path::new(path), columns, filter))
-}
-
-fn scan(path: &Path, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Output, WorkError> {
+    let items = plan(Path::new(path), columns, filter)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
+    // Row groups are decoded in parallel; each thread enters the arena's scope, so every Arrow
+    // buffer the decoder and the filter allocate lands in the arena and is handed on by
+    // reference.
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<Vec<RecordBatch>, WorkError>>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                arena.scope(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        let r = decode(item, filter);
+                        let failed = r.is_err();
+                        *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                        if failed {
+                            // Later items are not needed once one failed.
+                            next.store(items.len(), Ordering::Relaxed);
+                        }
+                    }
+                })
+            });
+        }
+    });
     let mut out_schema: Option<SchemaRef> = None;
     let mut batches = Vec::new();
-    for file in files(path)? {
-        let f = File::open(&file).map_err(|e| WorkError::User(format!("{}: {e}", file.display())))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-            .map_err(|e| WorkError::User(format!("{}: {e}", file.display())))?;
-        let file_schema = builder.schema().clone();
-        let wanted: Vec<String> = match columns {
-            Some(c) => c.to_vec(),
-            None => file_schema.fields().iter().map(|f| f.name().clone()).collect(),
-        };
-        // Read the projection plus whatever the filter needs; drop the extra after filtering.
-        let mut read: Vec<String> = wanted.clone();
-        if let Some(f) = filter {
-            for p in &f.0 {
-                if !read.iter().any(|c| c == p.column()) {
-                    read.push(p.column().to_owned());
-                }
-            }
-        }
-        let mut indices = Vec::with_capacity(read.len());
-        for c in &read {
-            let i = file_schema.index_of(c).map_err(|_| {
-                WorkError::User(format!("{} has no column {c:?} (it has: {})", file.display(), names(&file_schema)))
-            })?;
-            indices.push(i);
-        }
-        let meta = builder.metadata().clone();
-        let row_groups: Vec<usize> = (0..meta.num_row_groups())
-            .filter(|&rg| filter.is_none_or(|f| crate::filter::may_match(f, meta.row_group(rg), builder.parquet_schema())))
-            .collect();
-        let mask = ProjectionMask::roots(builder.parquet_schema(), indices.iter().copied());
-        let reader = builder
-            .with_projection(mask)
-            .with_row_groups(row_groups)
-            .with_batch_size(BATCH_ROWS)
-            .build()
-            .map_err(|e| WorkError::User(format!("{}: {e}", file.display())))?;
-        for b in reader {
-            let b = b.map_err(|e| WorkError::User(format!("{}: {e}", file.display())))?;
-            let b = match filter {
-                Some(f) => crate::filter::apply(f, &b).map_err(WorkError::User)?,
-                None => b,
-            };
-            let projected = project(&b, &wanted)?;
+    for (item, r) in items.iter().zip(results) {
+        let Some(r) = r.into_inner().unwrap_or_else(|e| e.into_inner()) else { continue };
+        for b in r? {
             match &out_schema {
-                None => out_schema = Some(projected.schema()),
-                Some(s) if s.fields() != projected.schema().fields() => {
-                    return Err(WorkError::User(format!("{} has a different schema than the files before it", file.display())));
+                None => out_schema = Some(b.schema()),
+                Some(s) if s.fields() != b.schema().fields() => {
+                    return Err(WorkError::User(format!("{} has a different schema than the files before it", item.file.display())));
                 }
                 Some(_) => {}
             }
-            if projected.num_rows() > 0 {
-                batches.push(projected);
+            if b.num_rows() > 0 {
+                batches.push(b);
             }
         }
     }
     let schema = out_schema.unwrap_or_else(|| Arc::new(Schema::empty()));
     Ok(Output::Table(batches, schema))
+}
+
+/// One unit of parallel work: one row group of one file.
+struct Item {
+    file: PathBuf,
+    meta: ArrowReaderMetadata,
+    row_group: usize,
+    /// Columns to read (projection plus filter columns), as root indices.
+    read: Vec<usize>,
+    /// Columns to keep, by name.
+    wanted: Vec<String>,
+}
+
+/// Reads every file's footer once, checks the columns and prunes row groups by statistics.
+fn plan(path: &Path, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Vec<Item>, WorkError> {
+    let mut items = Vec::new();
+    for file in parquet_files(path)? {
+        let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", file.display()));
+        let f = File::open(&file).map_err(|e| user(&e))?;
+        let meta = ArrowReaderMetadata::load(&f, ArrowReaderOptions::default()).map_err(|e| user(&e))?;
+        let file_schema = meta.schema().clone();
+        let wanted: Vec<String> = match columns {
+            Some(c) => c.to_vec(),
+            None => file_schema.fields().iter().map(|f| f.name().clone()).collect(),
+        };
+        // Read the projection plus whatever the filter needs; drop the extra after filtering.
+        let mut read_names: Vec<String> = wanted.clone();
+        if let Some(f) = filter {
+            for p in &f.0 {
+                if !read_names.iter().any(|c| c == p.column()) {
+                    read_names.push(p.column().to_owned());
+                }
+            }
+        }
+        let mut read = Vec::with_capacity(read_names.len());
+        for c in &read_names {
+            let i = file_schema.index_of(c).map_err(|_| {
+                WorkError::User(format!("{} has no column {c:?} (it has: {})", file.display(), names(&file_schema)))
+            })?;
+            read.push(i);
+        }
+        let pq = meta.metadata().clone();
+        for rg in 0..pq.num_row_groups() {
+            if filter.is_none_or(|f| crate::filter::may_match(f, pq.row_group(rg), meta.parquet_schema())) {
+                items.push(Item { file: file.clone(), meta: meta.clone(), row_group: rg, read: read.clone(), wanted: wanted.clone() });
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// Decodes one row group, filters and projects it.
+fn decode(item: &Item, filter: Option<&Filter>) -> Result<Vec<RecordBatch>, WorkError> {
+    let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", item.file.display()));
+    let f = File::open(&item.file).map_err(|e| user(&e))?;
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(f, item.meta.clone());
+    let mask = ProjectionMask::roots(builder.parquet_schema(), item.read.iter().copied());
+    let reader = builder
+        .with_projection(mask)
+        .with_row_groups(vec![item.row_group])
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| user(&e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| user(&e))?;
+        let b = match filter {
+            Some(f) => crate::filter::apply(f, &b).map_err(WorkError::User)?,
+            None => b,
+        };
+        out.push(project(&b, &item.wanted)?);
+    }
+    Ok(out)
 }
 
 fn project(b: &RecordBatch, wanted: &[String]) -> Result<RecordBatch, WorkError> {
