@@ -141,5 +141,6 @@ fn scan_sql_sql_copies_nothing_and_children_map_their_parents_frames() {
     for n in v["nodes"].as_array().expect("nodes") {
         assert_eq!(n["bytes_copied"], 0, "{} copied bytes: {v}", n["name"]);
         assert!(n["bytes_referenced"].as_u64().unwrap_or(0) > 0, "{v}");
+        assert!(n["overhead_ms"].as_f64().is_some_and(|o| o >= 0.0) && n["queued_ms"].as_f64().is_some(), "{v}");
     }
 }
