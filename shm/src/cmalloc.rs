@@ -21,6 +21,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use crate::arena::{Arena, ArenaInner};
+use crate::global::ScopeGuard;
 use crate::registry;
 
 /// Bytes before each arena allocation holding its size (keeps the pointer 64-byte aligned).
@@ -39,25 +40,11 @@ thread_local! {
     static SCOPE: Cell<*const ArenaInner> = const { Cell::new(std::ptr::null()) };
 }
 
-/// Restores the previous scope when dropped.
-struct ScopeGuard {
-    prev: *const ArenaInner,
-    _arena: Arc<ArenaInner>,
-}
-
-impl Drop for ScopeGuard {
-    fn drop(&mut self) {
-        SCOPE.with(|s| s.set(self.prev));
-    }
-}
-
 impl Arena {
     /// Runs `f` with this arena serving every `malloc` and `realloc` of the current thread.
     /// Without [`crate::interpose_malloc!`] in the binary this just runs `f`.
     pub fn malloc_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        let arena = self.inner().clone();
-        let prev = SCOPE.with(|s| s.replace(Arc::as_ptr(&arena)));
-        let _g = ScopeGuard { prev, _arena: arena };
+        let _g = ScopeGuard::enter(&SCOPE, self);
         f()
     }
 }

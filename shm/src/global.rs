@@ -25,6 +25,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::thread::LocalKey;
 use std::sync::Arc;
 
 use crate::arena::{Arena, ArenaInner};
@@ -117,15 +118,27 @@ unsafe impl GlobalAlloc for ArenaAlloc {
     }
 }
 
-/// Restores the previous scope when dropped.
-struct ScopeGuard {
+/// A thread's current arena for one allocator (this one's, or `crate::cmalloc`'s).
+pub(crate) type ScopeKey = LocalKey<Cell<*const ArenaInner>>;
+
+/// Makes `arena` the current one in `key` until dropped, then restores the previous one.
+pub(crate) struct ScopeGuard {
+    key: &'static ScopeKey,
     prev: *const ArenaInner,
     _arena: Arc<ArenaInner>,
 }
 
+impl ScopeGuard {
+    pub(crate) fn enter(key: &'static ScopeKey, arena: &Arena) -> ScopeGuard {
+        let arena = arena.inner().clone();
+        let prev = key.with(|s| s.replace(Arc::as_ptr(&arena)));
+        ScopeGuard { key, prev, _arena: arena }
+    }
+}
+
 impl Drop for ScopeGuard {
     fn drop(&mut self) {
-        SCOPE.with(|s| s.set(self.prev));
+        self.key.with(|s| s.set(self.prev));
     }
 }
 
@@ -133,9 +146,7 @@ impl Arena {
     /// Runs `f` with this arena as the target of [`ArenaAlloc`] on the current thread. Without
     /// `ArenaAlloc` installed as the global allocator this just runs `f`.
     pub fn scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        let arena = self.inner().clone();
-        let prev = SCOPE.with(|s| s.replace(Arc::as_ptr(&arena)));
-        let _g = ScopeGuard { prev, _arena: arena };
+        let _g = ScopeGuard::enter(&SCOPE, self);
         f()
     }
 }
