@@ -101,7 +101,7 @@ pub async fn run(project: &Path, socket: &Path, opts: RunOptions) -> Result<bool
 
 fn print_summary(st: &serde_json::Value) {
     println!();
-    println!("{:<28} {:<10} {:>10} {:>10} {:>9} {:>12} {:>12}", "node", "state", "rows", "ms", "start ms", "referenced", "copied");
+    println!("{:<28} {:<10} {:>10} {:>10} {:>9} {:>12} {:>12}", "node", "state", "rows", "ms", "launch ms", "referenced", "copied");
     for n in st["nodes"].as_array().into_iter().flatten() {
         println!(
             "{:<28} {:<10} {:>10} {:>10.1} {:>9.2} {:>12} {:>12}",
