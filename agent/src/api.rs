@@ -193,8 +193,13 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     let _ = writeln!(s, "# HELP quiver_runs_running Runs in progress.\n# TYPE quiver_runs_running gauge\nquiver_runs_running {running}");
     let _ = writeln!(
         s,
-        "# HELP quiver_workers_live Function processes alive.\n# TYPE quiver_workers_live gauge\nquiver_workers_live {}",
+        "# HELP quiver_workers_live Function processes alive (waiting ones included).\n# TYPE quiver_workers_live gauge\nquiver_workers_live {}",
         crate::children::count()
+    );
+    let _ = writeln!(
+        s,
+        "# HELP quiver_workers_idle Worker processes started and waiting for a node.\n# TYPE quiver_workers_idle gauge\nquiver_workers_idle {}",
+        agent.pool.idle()
     );
     let _ = writeln!(
         s,

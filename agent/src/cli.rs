@@ -32,6 +32,7 @@ async fn embedded(warehouse: &Path) -> Result<Embedded> {
     let config = Config { socket: socket.clone(), warehouse: warehouse.to_path_buf(), ..Config::default() };
     let listener = crate::server::bind(&socket, 0o600)?;
     let agent = Agent::new(config);
+    agent.pool.fill();
     // It serves until `run` stops it with `stop_everything` and aborts the task.
     let task = tokio::spawn(crate::server::serve(agent.clone(), listener, std::future::pending::<()>()));
     Ok(Embedded { _dir: dir, socket, agent, task })

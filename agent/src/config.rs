@@ -20,6 +20,9 @@ pub struct Config {
     pub warehouse: PathBuf,
     /// Function processes that may run at once.
     pub max_parallel: usize,
+    /// Worker processes kept started and waiting for a request, so a node launches without a
+    /// fork and exec on its path (0: start each worker when its node is ready).
+    pub idle_workers: usize,
     /// Largest request body accepted, in bytes.
     pub max_body: usize,
     /// Default wall-clock limit of a function, in seconds.
@@ -35,6 +38,7 @@ impl Default for Config {
             socket_mode: 0o660,
             warehouse: PathBuf::from("/var/lib/quiver/warehouse"),
             max_parallel: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
+            idle_workers: 2,
             max_body: 8 << 20,
             default_timeout_s: 3600.0,
             keep_runs: 1000,

@@ -232,6 +232,6 @@ async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>
         edges: run.plan.edges,
     };
     let timeout = Duration::from_secs_f64(node.resources.timeout_s.unwrap_or(agent.config.default_timeout_s));
-    let r = run_worker(req, inputs, timeout, run.cancel.subscribe()).await;
+    let r = run_worker(&agent.pool, req, inputs, timeout, run.cancel.subscribe()).await;
     (i, run.ms() - started, r.map(|(out, t)| (out, Timing { slot_ns, ..t })))
 }

@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quiver_shm::SealedSegment;
@@ -56,13 +57,15 @@ pub struct Timing {
     pub done_ns: u64,
 }
 
-/// Runs one request in a fresh worker process.
-pub async fn run_worker(
-    req: Request,
-    inputs: Vec<std::sync::Arc<StoredTable>>,
-    timeout: Duration,
-    mut cancel: watch::Receiver<bool>,
-) -> Result<(NodeOutput, Timing), NodeError> {
+/// A started worker waiting for its request on `sock`.
+#[derive(Debug)]
+struct Started {
+    child: std::process::Child,
+    sock: OwnedFd,
+}
+
+/// Starts a `quiver worker` fed over a socketpair on its fd 3, in its own process group.
+fn start_worker() -> Result<Started, NodeError> {
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
     let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
     let exe = std::env::current_exe().map_err(|e| sys("finding the quiver binary", &e))?;
@@ -82,9 +85,103 @@ pub async fn run_worker(
         })
     };
     let child = cmd.spawn().map_err(|e| sys("starting the worker", &e))?;
-    drop(theirs);
+    crate::children::register(child.id() as i32);
+    Ok(Started { child, sock: ours })
+}
+
+/// Workers started ahead of need, so a ready node launches without a fork and exec.
+#[derive(Debug)]
+pub struct Pool {
+    idle: Mutex<Vec<Started>>,
+    target: usize,
+    /// Set by `drain`: no more workers are started.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Pool {
+    /// A pool that keeps `target` workers waiting (filled by [`Pool::fill`]).
+    pub fn new(target: usize) -> Arc<Pool> {
+        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, closed: Default::default() })
+    }
+
+    /// Starts workers until `target` wait (blocking: a fork and exec each).
+    pub fn fill(&self) {
+        let closed = || self.closed.load(std::sync::atomic::Ordering::Acquire);
+        while !closed() && self.idle.lock().unwrap_or_else(|e| e.into_inner()).len() < self.target {
+            match start_worker() {
+                Ok(w) => {
+                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                    if idle.len() < self.target && !closed() {
+                        idle.push(w);
+                        continue;
+                    }
+                    drop(idle);
+                    // Another fill got there first, or the agent is stopping.
+                    stop(w);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a waiting worker");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A waiting worker that is still alive.
+    fn take(&self) -> Option<Started> {
+        loop {
+            let mut w = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if matches!(w.child.try_wait(), Ok(None)) {
+                return Some(w);
+            }
+            // Died while waiting (killed from outside): reaped by try_wait, forget it.
+            crate::children::unregister(w.child.id() as i32);
+        }
+    }
+
+    /// Kills and reaps every waiting worker (the agent is stopping).
+    pub fn drain(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        let all: Vec<Started> = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        all.into_iter().for_each(stop);
+    }
+
+    /// Workers waiting now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Kills and reaps a worker that never got a request.
+fn stop(mut w: Started) {
+    let pid = w.child.id() as i32;
+    // SAFETY: kill has no memory effects; the group is the worker's own.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let _ = w.child.wait();
+    crate::children::unregister(pid);
+}
+
+/// Runs one request in a worker process: a waiting one from `pool`, else a fresh one.
+pub async fn run_worker(
+    pool: &Arc<Pool>,
+    req: Request,
+    inputs: Vec<std::sync::Arc<StoredTable>>,
+    timeout: Duration,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<(NodeOutput, Timing), NodeError> {
+    let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
+    let w = match pool.take() {
+        Some(w) => w,
+        None => tokio::task::spawn_blocking(start_worker).await.map_err(|e| sys("starting the worker", &e))??,
+    };
+    if pool.target > 0 {
+        // Replace it off this node's path, so the next node finds one waiting.
+        let p = pool.clone();
+        tokio::task::spawn_blocking(move || p.fill());
+    }
+    let Started { child, sock: ours } = w;
     let pid = child.id() as i32;
-    crate::children::register(pid);
     let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs));
     let outcome = tokio::select! {
         r = talk => r.map_err(|e| sys("worker thread", &e)).and_then(|r| r),

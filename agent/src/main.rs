@@ -127,6 +127,9 @@ struct AgentArgs {
     /// Function processes at once (overrides `max_parallel`).
     #[arg(long)]
     max_parallel: Option<usize>,
+    /// Workers kept started and waiting (overrides `idle_workers`).
+    #[arg(long)]
+    idle_workers: Option<usize>,
     /// Largest request body in bytes (overrides `max_body`).
     #[arg(long)]
     max_body: Option<usize>,
@@ -136,11 +139,9 @@ struct AgentArgs {
 }
 
 fn main() -> Result<()> {
-    // A worker's first instruction, as near as Rust gets: the end of the agent's overhead.
-    let started_ns = proto::monotonic_ns();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Worker => std::process::exit(worker::main(started_ns)),
+        Cmd::Worker => std::process::exit(worker::main()),
         Cmd::Run { project, duckdb_only: true, warehouse, json, .. } => {
             let plan = project::plan(&project)?;
             let wh = warehouse.unwrap_or_else(|| project.join("warehouse"));
@@ -176,6 +177,9 @@ fn main() -> Result<()> {
             }
             if let Some(v) = a.max_parallel {
                 c.max_parallel = v.max(1);
+            }
+            if let Some(v) = a.idle_workers {
+                c.idle_workers = v;
             }
             if let Some(v) = a.max_body {
                 c.max_body = v;

@@ -3,8 +3,8 @@
 //! `quiver_shm::transport`; tables travel as SIPC messages right after the message naming them.
 //!
 //! ```text
-//! worker -> agent    Hello (JSON), as soon as it starts
 //! agent  -> worker   Request (JSON), then one SIPC table per input, in `inputs` order
+//! worker -> agent    Hello (JSON), as soon as it has the request
 //! worker -> agent    Reply (JSON); after Reply::Table, the output as one SIPC table
 //! ```
 
@@ -39,8 +39,9 @@ pub struct Request {
 /// The worker's first message.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Hello {
-    /// When its `main` began, on [`monotonic_ns`]'s clock: the end of the agent's per-node
-    /// overhead.
+    /// When it received its request, on [`monotonic_ns`]'s clock: the end of the agent's
+    /// per-node overhead (a worker started for the node gets it right after its `main` begins;
+    /// a waiting one, as soon as it is sent).
     pub started_ns: u64,
 }
 

@@ -98,6 +98,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener, shutdown: impl std
 /// Cancels every run, kills every worker, waits for the runs to finish, drops every table.
 pub async fn stop_everything(agent: &Agent) {
     let _ = agent.stopping.send(true);
+    agent.pool.drain();
     for r in agent.runs() {
         let _ = r.cancel.send(true);
     }
@@ -118,6 +119,7 @@ pub async fn run_daemon(config: Config) -> Result<(), ServeError> {
     let listener = bind(&config.socket, config.socket_mode)?;
     let socket = config.socket.clone();
     let agent = Agent::new(config);
+    agent.pool.fill();
     let sipc = crate::sipc_socket::path_for(&socket);
     crate::sipc_socket::start(agent.clone(), &sipc, agent.config.socket_mode)
         .map_err(|source| ServeError::Bind { path: sipc.display().to_string(), source })?;

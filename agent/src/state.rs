@@ -269,6 +269,8 @@ pub struct Agent {
     next_run: AtomicU64,
     /// Tables kept by name.
     pub tables: Mutex<BTreeMap<String, TableRef>>,
+    /// Workers started ahead of need.
+    pub pool: Arc<crate::launch::Pool>,
     /// Slots for function processes.
     pub slots: Arc<crate::slots::Slots>,
     /// Counters.
@@ -283,6 +285,7 @@ impl Agent {
         let (stopping, _) = watch::channel(false);
         Arc::new(Agent {
             slots: crate::slots::Slots::new(config.max_parallel),
+            pool: crate::launch::Pool::new(config.idle_workers),
             config,
             runs: Mutex::new(BTreeMap::new()),
             next_run: AtomicU64::new(1),

@@ -44,10 +44,11 @@ pub enum Output {
 }
 
 /// Runs the worker on fd 3; returns the process exit code.
-pub fn main(started_ns: u64) -> i32 {
+pub fn main() -> i32 {
     // SAFETY: the agent passes the socket as fd 3; nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(3) };
-    match serve(sock.as_fd(), started_ns) {
+    set_process_name("quiver:idle");
+    match serve(sock.as_fd()) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("quiver worker: {e}");
@@ -56,9 +57,10 @@ pub fn main(started_ns: u64) -> i32 {
     }
 }
 
-fn serve(sock: BorrowedFd<'_>, started_ns: u64) -> quiver_shm::Result<()> {
-    send_json(sock, &Hello { started_ns })?;
+fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
+    // A worker may be started ahead of need; its function begins when the request arrives.
     let req: Request = recv_json(sock)?;
+    send_json(sock, &Hello { started_ns: crate::proto::monotonic_ns() })?;
     set_process_name(&format!("quiver:{}", req.node));
     let limits = RecvLimits::default();
     let mut inputs = Vec::with_capacity(req.inputs.len());

@@ -86,6 +86,20 @@ impl TestAgent {
         }
     }
 
+    /// Waits until the agent's pool of waiting workers is full again (it refills in the
+    /// background after each launch); returns how many wait.
+    pub fn settle(&self) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let (_, m) = self.call("GET", "/metrics", None);
+            let idle = m.lines().find_map(|l| l.strip_prefix("quiver_workers_idle ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            if idle >= 2 || t0.elapsed() > Duration::from_secs(20) {
+                return idle;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The agent's open fds.
     pub fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
@@ -102,8 +116,20 @@ impl TestAgent {
             .unwrap_or(0)
     }
 
-    /// Children of the agent process.
+    /// Children of the agent process running a node (named `quiver:NODE` once they have their
+    /// request; waiting ones are `quiver:idle`, just started ones still `quiver`).
     pub fn children(&self) -> Vec<i32> {
+        self.all_children()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim().starts_with("quiver:") && c.trim() != "quiver:idle")
+            })
+            .collect()
+    }
+
+    /// Every child of the agent process, waiting workers included.
+    pub fn all_children(&self) -> Vec<i32> {
         let me = self.pid();
         std::fs::read_dir("/proc")
             .expect("/proc")
