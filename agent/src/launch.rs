@@ -188,10 +188,25 @@ pub async fn run_worker(
         _ = tokio::time::sleep(timeout) => Err(NodeError::Timeout(timeout.as_secs_f64())),
         _ = cancel.wait_for(|c| *c) => Err(NodeError::Cancelled),
     };
-    if outcome.is_err() {
-        // SAFETY: kill has no memory effects; the group is the worker's own.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
-    }
+    let err = match outcome {
+        Ok(out) => {
+            // The output is admitted (sealed, checked): the node is done. The worker's exit
+            // (unmapping its inputs can take milliseconds) is reaped off the children's path.
+            tokio::task::spawn_blocking(move || {
+                let mut child = child;
+                match child.wait() {
+                    Ok(st) if !st.success() => tracing::warn!(pid, status = %st, "worker exited abnormally after answering"),
+                    Err(e) => tracing::warn!(pid, error = %e, "waiting for a worker"),
+                    Ok(_) => {}
+                }
+                crate::children::unregister(pid);
+            });
+            return Ok(out);
+        }
+        Err(e) => e,
+    };
+    // SAFETY: kill has no memory effects; the group is the worker's own.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
     let status = tokio::task::spawn_blocking(move || {
         let mut child = child;
         child.wait()
@@ -200,13 +215,11 @@ pub async fn run_worker(
     .map_err(|e| sys("waiting for the worker", &e))?
     .map_err(|e| sys("waiting for the worker", &e))?;
     crate::children::unregister(pid);
-    match outcome {
-        Ok(out) if status.success() => Ok(out),
-        Ok(_) => Err(NodeError::System(format!("worker exited with {status} after answering"))),
-        Err(NodeError::System(m)) if status.signal().is_some() => {
+    match err {
+        NodeError::System(m) if status.signal().is_some() => {
             Err(NodeError::System(format!("worker killed by signal {} ({m})", status.signal().unwrap_or(0))))
         }
-        Err(e) => Err(e),
+        e => Err(e),
     }
 }
 

@@ -118,9 +118,9 @@ fn scan_sql_sql_copies_nothing_and_children_map_their_parents_frames() {
     taxi(&dir.path().join("trips"), 300_000);
     let a = TestAgent::start_with_env(&[], &[("QUIVER_DEBUG_STOP_NODE", "mid,last")]);
     let plan = json!({"nodes": [
-        {"name": "t", "kind": "scan", "path": dir.path().join("trips"),
+        {"name": "t", "kind": "scan", "path": dir.path().join("trips"), "pin": true,
          "columns": ["trip_id", "pickup_location_id", "trip_distance", "fare_amount", "country"]},
-        {"name": "mid", "kind": "sql", "parents": ["t"],
+        {"name": "mid", "kind": "sql", "parents": ["t"], "pin": true,
          "sql": "SELECT trip_id, pickup_location_id, fare_amount * 2 AS f2, country FROM t WHERE trip_distance > 1"},
         {"name": "last", "kind": "sql", "parents": ["mid"],
          "sql": "SELECT pickup_location_id, country, sum(f2) AS f, count(*) AS n FROM mid GROUP BY ALL"}
@@ -130,6 +130,7 @@ fn scan_sql_sql_copies_nothing_and_children_map_their_parents_frames() {
     let id = v["id"].as_str().expect("id").to_owned();
 
     // Each stops once it has read its input and handed its output over, its input still mapped.
+    // (Pinned, so the agent still holds the files once their consumers are done.)
     let scan_pages = compare_input_frames(&a, stopped_worker(&a, "mid"));
     assert!(scan_pages.get("scan").copied().unwrap_or(0) > 10, "mid's input (the scan's output): {scan_pages:?}");
     let sql_pages = compare_input_frames(&a, stopped_worker(&a, "last"));
