@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use quiver_shm::SealedSegment;
@@ -64,8 +64,34 @@ struct Started {
     sock: OwnedFd,
 }
 
-/// Starts a `quiver worker` fed over a socketpair on its fd 3, in its own process group.
+type LaunchReply = std::sync::mpsc::Sender<Result<Started, NodeError>>;
+
+/// Starts a worker from the launcher thread. Workers must be forked by a thread that lives as
+/// long as the agent: PR_SET_PDEATHSIG fires when the *thread* that forked a child exits, so a
+/// worker forked by a short-lived or pooled thread would be killed when that thread ends.
 fn start_worker() -> Result<Started, NodeError> {
+    static LAUNCHER: OnceLock<Option<std::sync::mpsc::Sender<LaunchReply>>> = OnceLock::new();
+    let launcher = LAUNCHER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<LaunchReply>();
+        std::thread::Builder::new()
+            .name("quiver-launcher".into())
+            .spawn(move || {
+                for reply in rx {
+                    let _ = reply.send(fork_worker());
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let gone = || NodeError::System("the worker launcher thread is gone".into());
+    let (tx, rx) = std::sync::mpsc::channel();
+    launcher.as_ref().ok_or_else(gone)?.send(tx).map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
+/// Forks and execs a `quiver worker` fed over a socketpair on its fd 3, in its own process
+/// group (on the launcher thread).
+fn fork_worker() -> Result<Started, NodeError> {
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
     let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
     let exe = std::env::current_exe().map_err(|e| sys("finding the quiver binary", &e))?;
@@ -175,14 +201,10 @@ pub async fn run_worker(
         Some(w) => w,
         None => tokio::task::spawn_blocking(start_worker).await.map_err(|e| sys("starting the worker", &e))??,
     };
-    if pool.target > 0 {
-        // Replace it off this node's path, so the next node finds one waiting.
-        let p = pool.clone();
-        tokio::task::spawn_blocking(move || p.fill());
-    }
     let Started { child, sock: ours } = w;
     let pid = child.id() as i32;
-    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs));
+    let refill = (pool.target > 0).then(|| pool.clone());
+    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs, refill));
     let outcome = tokio::select! {
         r = talk => r.map_err(|e| sys("worker thread", &e)).and_then(|r| r),
         _ = tokio::time::sleep(timeout) => Err(NodeError::Timeout(timeout.as_secs_f64())),
@@ -224,7 +246,12 @@ pub async fn run_worker(
 }
 
 /// The blocking conversation with the worker.
-fn converse(sock: OwnedFd, req: Request, inputs: Vec<std::sync::Arc<StoredTable>>) -> Result<(NodeOutput, Timing), NodeError> {
+fn converse(
+    sock: OwnedFd,
+    req: Request,
+    inputs: Vec<std::sync::Arc<StoredTable>>,
+    refill: Option<Arc<Pool>>,
+) -> Result<(NodeOutput, Timing), NodeError> {
     let lost = |e: quiver_shm::ShmError| NodeError::System(format!("worker connection: {e}"));
     send_json(sock.as_fd(), &req).map_err(lost)?;
     for t in &inputs {
@@ -232,6 +259,11 @@ fn converse(sock: OwnedFd, req: Request, inputs: Vec<std::sync::Arc<StoredTable>
         send(sock.as_fd(), &t.descriptor, &fds).map_err(lost)?;
     }
     let hello: Hello = recv_json(sock.as_fd()).map_err(lost)?;
+    if let Some(p) = refill {
+        // Replace the worker once it has started its function, so starting the next one (a fork
+        // and exec) does not compete with this one's start for the CPU.
+        std::thread::spawn(move || p.fill());
+    }
     let reply: Reply = recv_json(sock.as_fd()).map_err(lost)?;
     let out = match reply {
         Reply::Failed { user: true, message } => Err(NodeError::User(message)),
