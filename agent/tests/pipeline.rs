@@ -124,3 +124,42 @@ fn bad_sql_fails_its_run_with_the_user_error_and_a_self_join_is_still_right() {
     assert_eq!(v["nodes"][1]["rows"], 50_000, "the self-join sees both sides whole: {v}");
     assert_eq!(v["nodes"][2]["rows"], 100_000, "both scans see every row: {v}");
 }
+
+/// `quiver run` with no agent listening starts one in its own process; the same project with
+/// copying edges and as one DuckDB give the same row counts, and only the copying run copies.
+#[test]
+fn run_without_an_agent_with_copying_edges_and_in_one_duckdb_agree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("taxi");
+    copy_project(&project);
+    taxi(&project.join("data/trips"), 200_000);
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("run")
+            .arg(&project)
+            .args(["--json", "--socket"])
+            .arg(dir.path().join("nobody-listens.sock"))
+            .args(extra)
+            .output()
+            .expect("quiver run");
+        assert!(out.status.success(), "quiver run {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    };
+    let rows = |v: &serde_json::Value, name: &str| {
+        v["nodes"].as_array().expect("nodes").iter().find(|n| n["name"] == name).map(|n| n["rows"].clone()).expect("node")
+    };
+    let arena = run(&[]);
+    assert_eq!(arena["status"], "succeeded", "{arena}");
+    let copy = run(&["--edges", "ipc"]);
+    assert_eq!(copy["status"], "succeeded", "{copy}");
+    let single = run(&["--duckdb-only"]);
+    for n in arena["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["bytes_copied"], 0, "{n}");
+    }
+    let copied: u64 = copy["nodes"].as_array().expect("nodes").iter().map(|n| n["bytes_copied"].as_u64().unwrap_or(0)).sum();
+    assert!(copied > 2 * 200_000 * 8, "every edge copied through IPC: {copy}");
+    for leaf in ["top_pickup_locations", "long_trips_by_zone", "trips"] {
+        assert_eq!(rows(&arena, leaf), rows(&copy, leaf), "{leaf}");
+        assert_eq!(rows(&arena, leaf), rows(&single, leaf), "{leaf}");
+    }
+}
