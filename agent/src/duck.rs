@@ -289,19 +289,15 @@ impl ResultGuard {
                 }
                 break;
             }
-            out.0.push(c);
             // SAFETY: c is a live chunk.
             let n = unsafe { ffi::duckdb_data_chunk_get_size(c) } as usize;
             if n == 0 {
+                // An empty chunk marks the end; it converts to nothing.
+                drop(Chunks(vec![c]));
                 break;
             }
+            out.0.push(c);
             have += n;
-        }
-        // An empty trailing chunk marks the end; it converts to nothing.
-        // SAFETY: every chunk in out is live.
-        if out.0.last().is_some_and(|&c| unsafe { ffi::duckdb_data_chunk_get_size(c) } == 0) {
-            let mut last = out.0.pop().into_iter().collect::<Vec<_>>();
-            drop(Chunks(std::mem::take(&mut last)));
         }
         Ok(out)
     }
