@@ -112,6 +112,8 @@ pub(crate) fn prune_mapped() {
 
 /// The received mapping that contains `[ptr, ptr+len)`, with the offset of `ptr` in it.
 pub(crate) fn find_mapped(ptr: *const u8, len: usize) -> Option<(Arc<SharedMapping>, usize)> {
-    let v = MAPPED.read().unwrap_or_else(|e| e.into_inner());
-    v.iter().filter_map(Weak::upgrade).find_map(|m| m.mapping().offset_of(ptr, len).map(|off| (m, off)))
+    // Upgrade under the lock, search and drop after it: the last reference to a mapping may be
+    // one of these, and dropping it prunes the registry, which takes the write lock.
+    let live: Vec<Arc<SharedMapping>> = MAPPED.read().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    live.into_iter().find_map(|m| m.mapping().offset_of(ptr, len).map(|off| (m, off)))
 }
