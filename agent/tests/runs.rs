@@ -93,8 +93,9 @@ fn failures_fail_only_their_run_and_leave_nothing_behind() {
     let id = sub["id"].as_str().expect("id").to_owned();
     let t0 = Instant::now();
     let pid = loop {
-        if let Some(p) = a.children().first() {
-            break *p;
+        // By name: workers of earlier runs may still be exiting.
+        if let Some(p) = a.worker("victim") {
+            break p;
         }
         assert!(t0.elapsed() < Duration::from_secs(10), "worker never appeared");
         std::thread::sleep(Duration::from_millis(5));

@@ -128,6 +128,14 @@ impl TestAgent {
             .collect()
     }
 
+    /// The worker running node `node`, once it has its request.
+    pub fn worker(&self, node: &str) -> Option<i32> {
+        let want = format!("quiver:{node}");
+        // comm holds at most 15 bytes.
+        let want = &want[..want.len().min(15)];
+        self.children().into_iter().find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == want))
+    }
+
     /// Every child of the agent process, waiting workers included.
     pub fn all_children(&self) -> Vec<i32> {
         let me = self.pid();
