@@ -15,9 +15,11 @@ pub fn find_uv() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("QUIVER_UV").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
+    // pyenv's shims re-enter a shell script on every call; the real binary is elsewhere.
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .filter(|dir| !dir.ends_with("shims"))
         .map(|dir| dir.join("uv"));
     let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/bin/uv"));
     on_path
