@@ -1,0 +1,38 @@
+//! quiver's kernel-side telemetry and network denial for function processes.
+//!
+//! The BPF programs live in `ebpf/bpf/` (C, compiled by `build.rs` with clang) and are loaded
+//! with aya. One [`Telemetry`] per agent loads and attaches them once; each function invocation
+//! runs in its own cgroup v2 directory, which [`Telemetry::watch`] registers (and optionally
+//! cuts off from the network), and [`Watch::take`] reads, clears and detaches:
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::Path;
+//! let telemetry = quiver_ebpf::Telemetry::start()?;
+//! let watch = telemetry.watch(Path::new("/sys/fs/cgroup/unified/fn-42"), true)?;
+//! // ... run the function's processes in that cgroup, wait for them ...
+//! let counters = watch.take()?;
+//! println!("{} page faults, {} bytes memcpy'd", counters.page_faults, counters.memcpy_bytes);
+//! # Ok(()) }
+//! ```
+//!
+//! Dropping the [`Telemetry`] detaches and unloads every program and map: nothing is pinned.
+//! See `docs/telemetry.md` for what each figure means and what the copy meter cannot see.
+
+mod cgroup;
+mod copies;
+mod counters;
+mod error;
+mod maps;
+mod telemetry;
+mod tracefs;
+
+pub use cgroup::cgroup_id;
+pub use copies::{CopyProbe, CopyProbes};
+pub use counters::{Counters, HIST_BUCKETS};
+pub use error::{Error, Unavailable};
+pub use telemetry::{KernelIds, Telemetry, Watch};
+
+mod object {
+    include!(concat!(env!("OUT_DIR"), "/object.rs"));
+}
