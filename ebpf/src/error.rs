@@ -10,7 +10,7 @@ pub enum Unavailable {
     #[error("telemetry unavailable: this build has no BPF programs: {0}")]
     NotBuilt(&'static str),
     /// tracefs is not mounted and mounting it failed (not root?).
-    #[error("telemetry unavailable: cannot mount tracefs at {path}: {source}")]
+    #[error("telemetry unavailable: cannot mount tracefs at {path} (needs root): {source}")]
     Tracefs {
         /// Where tracefs was to be mounted.
         path: &'static str,
