@@ -3,12 +3,14 @@
 //!
 //! `cargo run --release -p quiver-bench -- handoff [--rows 1000000,10000000] [--json]`
 //! `cargo run --release -p quiver-bench -- pipeline [--trips 10000000] [--json]`
+//! `cargo run --release -p quiver-bench -- telemetry [--repeat 5] [--json]` (as root)
 
 mod handoff;
 mod pipeline;
 mod proc;
 mod scan;
 mod table;
+mod telemetry;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -28,6 +30,12 @@ enum Bench {
     /// The example DAG at 10M trips: quiver with the arena, quiver copying every edge through
     /// an Arrow IPC stream, and one DuckDB in one process.
     Pipeline(pipeline::Args),
+    /// What the eBPF telemetry costs: memcpy- and fault-heavy children with it off, watching
+    /// them, and watching another cgroup.
+    Telemetry(telemetry::Args),
+    /// The workload process of `telemetry` (started by it, not by hand).
+    #[command(hide = true)]
+    TelemetryChild(telemetry::ChildArgs),
     /// The receiving process of `handoff` (started by it, not by hand).
     #[command(hide = true)]
     HandoffChild(handoff::ChildArgs),
@@ -38,5 +46,7 @@ fn main() -> Result<()> {
         Bench::Handoff(a) => handoff::run(a),
         Bench::Pipeline(a) => pipeline::run(a),
         Bench::HandoffChild(a) => handoff::child(a),
+        Bench::Telemetry(a) => telemetry::run(a),
+        Bench::TelemetryChild(a) => telemetry::child(a),
     }
 }

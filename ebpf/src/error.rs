@@ -79,6 +79,14 @@ pub enum Error {
         /// aya's error.
         source: aya::programs::ProgramError,
     },
+    /// Attaching or detaching the copy meter of a process failed (e.g. it has exited).
+    #[error("copy meter for process {pid}: {source}")]
+    Meter {
+        /// The process (0 when detaching).
+        pid: u32,
+        /// aya's error.
+        source: aya::programs::ProgramError,
+    },
     /// The [`crate::Telemetry`] this watch belongs to was dropped: its programs are gone.
     #[error("telemetry has stopped: its programs were unloaded before the watch was taken")]
     Stopped,

@@ -9,7 +9,7 @@ use aya::Ebpf;
 use aya::maps::{HashMap, IterableMap, MapData, MapError};
 use aya::programs::cgroup_sock::CgroupSockLinkId;
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId;
-use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope};
 use aya::programs::{
     CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError, TracePoint, UProbe,
 };
@@ -36,6 +36,7 @@ pub struct Telemetry {
 
 struct State {
     ebpf: Ebpf,
+    probes: CopyProbes,
     stats: HashMap<MapData, u64, Stats>,
     pid_faults: HashMap<MapData, PidKey, u64>,
     watched: HashSet<u64>,
@@ -58,6 +59,7 @@ pub struct Watch {
     dir: PathBuf,
     cgroup_id: u64,
     deny: Option<DenyLinks>,
+    metered: Vec<UProbeLinkId>,
     released: bool,
 }
 
@@ -89,7 +91,7 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 
 impl Telemetry {
     /// Mounts tracefs when missing, loads the programs and attaches the machine-wide ones
-    /// (page faults, mmap/munmap, the copy meter). Fails with the reason when this build, this
+    /// (page faults, mmap/munmap tracepoints). Fails with the reason when this build, this
     /// kernel or these privileges cannot run them; the caller logs it and carries on without.
     pub fn start() -> Result<Telemetry, Unavailable> {
         let object = crate::object::OBJECT.map_err(Unavailable::NotBuilt)?;
@@ -104,18 +106,10 @@ impl Telemetry {
             tp.attach(category, event)
                 .map_err(failed(format!("attaching {name} to {category}/{event}")))?;
         }
+        // The copy meter is attached per process by Watch::meter_copies: a uprobe for every
+        // process on the machine costs each of them a trap per copy (see docs/telemetry.md).
         let up: &mut UProbe = program(&mut ebpf, MEMCPY)?;
         up.load().map_err(failed(format!("loading {MEMCPY}")))?;
-        for p in &probes.probes {
-            let at = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
-            up.attach(at, &probes.library, UProbeScope::AllProcesses)
-                .map_err(failed(format!(
-                    "attaching {MEMCPY} to {}+{:#x} ({})",
-                    probes.library.display(),
-                    p.file_offset,
-                    p.symbols.join("/")
-                )))?;
-        }
         let sock: &mut CgroupSock = program(&mut ebpf, SOCK_CREATE)?;
         sock.load()
             .map_err(failed(format!("loading {SOCK_CREATE}")))?;
@@ -128,6 +122,7 @@ impl Telemetry {
         let pid_faults = take_map(&mut ebpf, PID_FAULTS)?;
         let state = State {
             ebpf,
+            probes: probes.clone(),
             stats,
             pid_faults,
             watched: HashSet::new(),
@@ -164,6 +159,7 @@ impl Telemetry {
             dir: cgroup_dir.to_path_buf(),
             cgroup_id: id,
             deny: None,
+            metered: Vec::new(),
             released: false,
         };
         if deny_network {
@@ -286,8 +282,36 @@ impl Watch {
         self.deny.is_some()
     }
 
-    /// Reads and clears the cgroup's counters, unregisters it and detaches its network denial.
-    /// Call it once the function's processes have exited.
+    /// Meters the glibc copies (memcpy, memmove, mempcpy and their `_chk` forms) of process
+    /// `pid`: all its threads and whatever it execs, not the processes it forks. Its copies
+    /// are charged to this cgroup while the process is in it. Attach before the process starts
+    /// its work: each metered copy call costs the process one uprobe trap; processes not
+    /// metered pay nothing.
+    pub fn meter_copies(&mut self, pid: u32) -> Result<(), Error> {
+        let inner = self.inner.upgrade().ok_or(Error::Stopped)?;
+        let nz = std::num::NonZeroU32::new(pid).ok_or_else(|| Error::Meter {
+            pid,
+            source: ProgramError::IOError(std::io::Error::other("pid 0 names no process")),
+        })?;
+        let mut state = lock(&inner);
+        let probes = &state.probes;
+        let (library, offsets): (PathBuf, Vec<u64>) = (
+            probes.library.clone(),
+            probes.probes.iter().map(|p| p.file_offset).collect(),
+        );
+        let up: &mut UProbe = program(&mut state.ebpf, MEMCPY).map_err(|_| missing(&self.dir))?;
+        for offset in offsets {
+            let at = UProbeAttachLocation::AbsoluteOffset(offset);
+            match up.attach(at, &library, UProbeScope::OneProcess(nz)) {
+                Ok(link) => self.metered.push(link),
+                Err(source) => return Err(Error::Meter { pid, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and clears the cgroup's counters, unregisters it and detaches its network denial
+    /// and copy meters. Call it once the function's processes have exited.
     pub fn take(mut self) -> Result<Counters, Error> {
         self.release()
     }
@@ -303,6 +327,15 @@ impl Watch {
         let mut first_err = None;
         if let Some(links) = self.deny.take() {
             first_err = detach_deny(&mut state.ebpf, &self.dir, links).err();
+        }
+        if !self.metered.is_empty() {
+            let up: &mut UProbe =
+                program(&mut state.ebpf, MEMCPY).map_err(|_| missing(&self.dir))?;
+            for link in self.metered.drain(..) {
+                if let Err(source) = up.detach(link) {
+                    first_err.get_or_insert(Error::Meter { pid: 0, source });
+                }
+            }
         }
         let stats = state.stats.get(&self.cgroup_id, 0).map_err(map_err(STATS));
         let _ = state.stats.remove(&self.cgroup_id);

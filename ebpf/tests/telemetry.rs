@@ -5,7 +5,7 @@ mod common;
 
 use std::ffi::c_void;
 
-use common::{TestCgroup, run_in, telemetry};
+use common::{TestCgroup, await_signal, pipe, run_in, signal, spawn_in, telemetry, wait};
 use quiver_ebpf::Counters;
 
 const PAGE: usize = 4096;
@@ -112,9 +112,13 @@ fn memcpy_bytes_are_charged() {
     let expected_calls: u64 = plan.iter().map(|&(_, _, c)| c as u64).sum();
 
     let cg = TestCgroup::new();
-    let watch = t.watch(&cg.path, false).expect("watch");
+    let mut watch = t.watch(&cg.path, false).expect("watch");
     let (s, d) = (src.as_ptr() as usize, dst.as_mut_ptr() as usize);
-    let code = run_in(&cg, || {
+    let (go_r, go_w) = pipe();
+    let child = spawn_in(&cg, || {
+        if !await_signal(go_r) {
+            return 10;
+        }
         for &(f, size, calls) in &plan {
             for _ in 0..calls {
                 let (dp, sp) = (d as *mut c_void, s as *const c_void);
@@ -131,6 +135,9 @@ fn memcpy_bytes_are_charged() {
         }
         0
     });
+    watch.meter_copies(child as u32).expect("meter the child");
+    assert!(signal(go_w));
+    let code = wait(child);
     assert_eq!(code, 0);
     let c = watch.take().expect("take");
     eprintln!(
@@ -168,25 +175,46 @@ fn memcpy_bytes_are_charged() {
 }
 
 #[test]
-fn unwatched_cgroups_are_not_charged() {
-    let Some(t) = telemetry("unwatched_cgroups_are_not_charged") else {
+fn copies_are_charged_only_to_metered_processes_of_their_cgroup() {
+    let Some(t) = telemetry("copies_are_charged_only_to_metered_processes_of_their_cgroup") else {
         return;
     };
     let watched = TestCgroup::new();
     let other = TestCgroup::new();
     let watch = t.watch(&watched.path, false).expect("watch");
+    let mut other_watch = t.watch(&other.path, false).expect("watch");
     let src = vec![1u8; 1 << 20];
     let mut dst = vec![0u8; 1 << 20];
     let (s, d) = (src.as_ptr() as usize, dst.as_mut_ptr() as usize);
     let memcpy: Copy3 = libc::memcpy;
-    let code = run_in(&other, || {
+    let copy = move || {
         // SAFETY: both buffers hold 1 MiB.
         unsafe { std::ptr::read_volatile(&memcpy)(d as *mut c_void, s as *const c_void, 1 << 20) };
+    };
+    // A metered process in another cgroup is charged there, not here.
+    let (go_r, go_w) = pipe();
+    let child = spawn_in(&other, || {
+        if !await_signal(go_r) {
+            return 10;
+        }
+        copy();
         0
     });
-    assert_eq!(code, 0);
+    other_watch.meter_copies(child as u32).expect("meter");
+    assert!(signal(go_w));
+    assert_eq!(wait(child), 0);
+    // A process in the watched cgroup that is not metered is charged no copies.
+    assert_eq!(
+        run_in(&watched, || {
+            copy();
+            0
+        }),
+        0
+    );
+    let elsewhere = other_watch.take().expect("take");
+    assert!(elsewhere.memcpy_bytes >= 1 << 20, "{elsewhere:?}");
     let c = watch.take().expect("take");
-    assert_eq!((c.memcpy_bytes, c.page_faults, c.mmaps), (0, 0, 0), "{c:?}");
+    assert_eq!(c.memcpy_bytes, 0, "{c:?}");
     drop(dst);
 }
 
