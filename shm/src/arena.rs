@@ -58,6 +58,9 @@ struct ChunkState {
 #[derive(Debug)]
 pub struct Chunk {
     id: u64,
+    /// The process that created the chunk: a forked child inherits the mapping, which is shared
+    /// with its parent, so it must never punch or write there.
+    owner: u32,
     segment: Segment,
     map: Mapping,
     state: Mutex<ChunkState>,
@@ -73,6 +76,7 @@ impl Chunk {
         let map = segment.map_mut(opts)?;
         let chunk = Arc::new(Chunk {
             id,
+            owner: std::process::id(),
             segment,
             map,
             state: Mutex::new(ChunkState { bump: 0, live: 1 }),
@@ -92,6 +96,21 @@ impl Chunk {
     pub(crate) fn span(&self) -> (usize, usize) {
         let s = self.map.as_ptr() as usize;
         (s, s + self.map.len())
+    }
+
+    /// Whether this process inherited the chunk through `fork` rather than creating it: its
+    /// memory is shared with the creator, so it is neither allocated from nor punched.
+    pub fn is_inherited(&self) -> bool {
+        self.owner != std::process::id()
+    }
+
+    /// Punches out `[offset, offset+len)` (page-aligned) of a writable chunk this process
+    /// created; reads there return zeros after.
+    pub(crate) fn punch(&self, offset: usize, len: usize) -> Result<()> {
+        if self.frozen.load(Ordering::Acquire) || self.is_inherited() {
+            return Err(ShmError::layout("punch into a sealed or inherited chunk"));
+        }
+        self.segment.punch_hole(offset as u64, len as u64)
     }
 
     /// Size of the chunk's segment.
@@ -147,7 +166,7 @@ impl Chunk {
             let page = page_size();
             let start = offset.next_multiple_of(page);
             let end = (offset + len) / page * page;
-            if end > start {
+            if end > start && !self.is_inherited() {
                 // Best effort: a failure only means the memory stays until the chunk goes.
                 let _ = self.segment.punch_hole(start as u64, (end - start) as u64);
             }
