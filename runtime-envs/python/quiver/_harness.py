@@ -197,7 +197,7 @@ def _call(fn, kwargs: dict, module: str):
 
 
 def _expectation(result, label: str) -> dict:
-    if type(result).__name__ == "bool_" and type(result).__module__ == "numpy":
+    if type(result).__module__ == "numpy" and type(result).__name__ in ("bool_", "bool"):
         result = bool(result)
     if not isinstance(result, bool):
         raise UserError(f"expectation {label} returned {type(result).__module__}.{type(result).__qualname__}, not a bool")
