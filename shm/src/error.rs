@@ -109,6 +109,9 @@ pub enum ShmError {
     /// The table's data is not valid Arrow.
     #[error("invalid table data: {0}")]
     Layout(String),
+    /// The de-anonymization kernel module refused or failed.
+    #[error("quiver-kzero: {0}")]
+    Kzero(#[from] crate::kzero::KzeroError),
     /// An Arrow operation failed.
     #[error("arrow: {0}")]
     Arrow(#[from] arrow_schema::ArrowError),

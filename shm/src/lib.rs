@@ -11,6 +11,7 @@ pub mod arena;
 pub mod cmalloc;
 pub mod error;
 pub mod global;
+pub mod kzero;
 pub mod mapping;
 pub mod pagemap;
 pub mod registry;

@@ -116,6 +116,15 @@ impl SealedSegment {
     pub(crate) fn check(fd: OwnedFd, index: usize) -> Result<Self> {
         let bad = |reason: String| ShmError::BadSegment { index, reason };
         let (size, is_reg) = fstat_size(fd.as_fd())?;
+        // A file of the kzero module: fcntl seals exist for shmem files only, so it carries
+        // the same four seals through the module's own ioctl.
+        if crate::kzero::is_kzero(fd.as_fd()) {
+            let (seals, _) = crate::kzero::seals(fd.as_fd()).map_err(|e| bad(format!("kzero file: {e}")))?;
+            if seals & crate::kzero::SEAL_ALL != crate::kzero::SEAL_ALL {
+                return Err(bad(format!("kzero file is not sealed (seals {seals:#x}, need {:#x})", crate::kzero::SEAL_ALL)));
+            }
+            return Ok(SealedSegment { fd, size });
+        }
         if !is_reg {
             return Err(bad("not a memfd (not a regular file: a pipe, socket or device?)".into()));
         }

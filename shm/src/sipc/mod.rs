@@ -6,7 +6,7 @@ pub mod format;
 pub mod reader;
 pub mod writer;
 
-pub use deanon::{CopyToArena, Deanonymize, Placement, Reference, Shareable, Way};
+pub use deanon::{CopyToArena, Deanonymize, KernelMove, KzeroFile, Placement, Reference, Shareable, Way};
 pub use format::{BufferRef, Limits, Node, RawDescriptor, Tree, VERSION};
 pub use reader::{ReadOptions, SharedMapping, SipcRead, read_table, read_table_trusted};
 pub use writer::{SipcTable, TableWriter, WriteStats};

@@ -10,7 +10,7 @@ use arrow_ipc::convert::IpcSchemaEncoder;
 use arrow_ipc::writer::DictionaryTracker;
 use arrow_schema::{DataType, SchemaRef};
 
-use super::deanon::{CopyToArena, Deanonymize, Placement, Reference, Shareable, Way};
+use super::deanon::{CopyToArena, Deanonymize, KernelMove, Placement, Reference, Shareable, Way};
 use super::format::{BufferRef, Node, RawDescriptor, Tree};
 use crate::error::{Result, ShmError};
 use crate::segment::SealedSegment;
@@ -89,13 +89,16 @@ pub struct TableWriter {
 }
 
 impl TableWriter {
-    /// A writer that references buffers in arena chunks and in received segments, and copies
-    /// everything else.
+    /// A writer that references buffers in arena chunks and in received segments, moves the
+    /// pages of other large buffers into a kzero file when `/dev/quiver-kzero` is
+    /// present, and copies everything else.
     pub fn new(schema: SchemaRef) -> Self {
-        Self::with_ways(
-            schema,
-            vec![Box::new(Reference), Box::new(CopyToArena::new("quiver-copy"))],
-        )
+        let mut ways: Vec<Box<dyn Deanonymize>> = vec![Box::new(Reference)];
+        if let Some(k) = KernelMove::if_available() {
+            ways.push(Box::new(k));
+        }
+        ways.push(Box::new(CopyToArena::new("quiver-copy")));
+        Self::with_ways(schema, ways)
     }
 
     /// A writer that forces a copy of every buffer (the baseline benchmarks compare against).
