@@ -58,6 +58,8 @@ struct Row {
     watched_ns_per_event: f64,
     /// What the watched run was charged: memcpy calls or page faults.
     counted: u64,
+    /// Time to attach the copy meter to one process (`Telemetry::meter_copies`), in µs.
+    meter_attach_us: f64,
 }
 
 type Copy3 =
@@ -206,13 +208,21 @@ pub fn run(a: Args) -> Result<()> {
     for (i, &(workload, description, events)) in WORKLOADS.iter().enumerate() {
         let (mut off, mut watched, mut unwatched) = (vec![], vec![], vec![]);
         let mut counted = 0;
+        let mut attach = vec![];
         for rep in 0..a.repeat.max(1) {
             let cg = Cgroup::new(&root, i * 1000 + rep)?;
             off.push(run_child(workload, &cg, |_| Ok(()))?);
             let t = Telemetry::start().map_err(|e| anyhow::anyhow!("{e}"))?;
             unwatched.push(run_child(workload, &cg, |_| Ok(()))?);
-            let mut w = t.watch(&cg.0, false)?;
-            watched.push(run_child(workload, &cg, |pid| Ok(w.meter_copies(pid)?))?);
+            let w = t.watch(&cg.0, false)?;
+            let mut meter = None;
+            watched.push(run_child(workload, &cg, |pid| {
+                let t0 = now_ns();
+                meter = Some(t.meter_copies(pid)?);
+                attach.push((now_ns() - t0) as f64 / 1e3);
+                Ok(())
+            })?);
+            drop(meter);
             let c = w.take()?;
             counted = if workload == "faults" {
                 c.page_faults
@@ -236,6 +246,7 @@ pub fn run(a: Args) -> Result<()> {
             unwatched_ratio: unwatched / off,
             watched_ns_per_event: (watched - off) * 1e6 / events as f64,
             counted,
+            meter_attach_us: median(&mut attach),
         });
     }
     if a.json {
@@ -269,5 +280,10 @@ pub fn run(a: Args) -> Result<()> {
     for r in &rows {
         println!("  {}: {} ({} events)", r.workload, r.description, r.events);
     }
+    let mut attach: Vec<f64> = rows.iter().map(|r| r.meter_attach_us).collect();
+    println!(
+        "attaching the copy meter to a process: {:.0} us (median)",
+        median(&mut attach)
+    );
     Ok(())
 }

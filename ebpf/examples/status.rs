@@ -5,7 +5,10 @@ fn main() {
     match quiver_ebpf::Telemetry::start() {
         Ok(t) => {
             let p = t.copy_probes();
-            println!("telemetry available; copy meter on {}:", p.library.display());
+            println!(
+                "telemetry available; copy meter on {}:",
+                p.library.display()
+            );
             for probe in &p.probes {
                 println!("  {:#x} ({})", probe.file_offset, probe.symbols.join(", "));
             }

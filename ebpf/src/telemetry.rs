@@ -36,7 +36,8 @@ pub struct Telemetry {
 
 struct State {
     ebpf: Ebpf,
-    probes: CopyProbes,
+    /// Keeps per-process attachment fast (see perf.rs); closed with the rest.
+    _sched_key: Option<std::os::fd::OwnedFd>,
     stats: HashMap<MapData, u64, Stats>,
     pid_faults: HashMap<MapData, PidKey, u64>,
     watched: HashSet<u64>,
@@ -59,7 +60,6 @@ pub struct Watch {
     dir: PathBuf,
     cgroup_id: u64,
     deny: Option<DenyLinks>,
-    metered: Vec<UProbeLinkId>,
     released: bool,
 }
 
@@ -106,7 +106,7 @@ impl Telemetry {
             tp.attach(category, event)
                 .map_err(failed(format!("attaching {name} to {category}/{event}")))?;
         }
-        // The copy meter is attached per process by Watch::meter_copies: a uprobe for every
+        // The copy meter is attached per process by meter_copies: a uprobe for every
         // process on the machine costs each of them a trap per copy (see docs/telemetry.md).
         let up: &mut UProbe = program(&mut ebpf, MEMCPY)?;
         up.load().map_err(failed(format!("loading {MEMCPY}")))?;
@@ -122,7 +122,7 @@ impl Telemetry {
         let pid_faults = take_map(&mut ebpf, PID_FAULTS)?;
         let state = State {
             ebpf,
-            probes: probes.clone(),
+            _sched_key: crate::perf::hold_sched_key(),
             stats,
             pid_faults,
             watched: HashSet::new(),
@@ -159,7 +159,6 @@ impl Telemetry {
             dir: cgroup_dir.to_path_buf(),
             cgroup_id: id,
             deny: None,
-            metered: Vec::new(),
             released: false,
         };
         if deny_network {
@@ -173,6 +172,35 @@ impl Telemetry {
             }
         }
         Ok(watch)
+    }
+
+    /// Meters the glibc copies (memcpy, memmove, mempcpy and their `_chk` forms) of process
+    /// `pid`, all its threads and whatever it execs, not the processes it forks, until the
+    /// returned meter is dropped. Copies are charged to the process's cgroup when that cgroup is
+    /// watched. Each metered copy call costs the process one uprobe trap; processes not metered
+    /// pay nothing. Attaching takes milliseconds: meter a worker when it starts, before it is
+    /// handed work.
+    pub fn meter_copies(&self, pid: u32) -> Result<CopyMeter, Error> {
+        let meter_err = |source| Error::Meter { pid, source };
+        let nz = std::num::NonZeroU32::new(pid)
+            .ok_or_else(|| meter_err(io_error("pid 0 names no process")))?;
+        let mut meter = CopyMeter {
+            inner: Arc::downgrade(&self.inner),
+            pid,
+            links: Vec::new(),
+        };
+        let mut state = lock(&self.inner);
+        let up: &mut UProbe = program(&mut state.ebpf, MEMCPY)
+            .map_err(|_| meter_err(io_error("BPF program missing")))?;
+        for p in &self.probes.probes {
+            let at = UProbeAttachLocation::AbsoluteOffset(p.file_offset);
+            // On failure the meter's drop detaches what was attached.
+            let link = up
+                .attach(at, &self.probes.library, UProbeScope::OneProcess(nz))
+                .map_err(meter_err)?;
+            meter.links.push(link);
+        }
+        Ok(meter)
     }
 
     /// The kernel ids of the loaded programs and maps, to check that they are gone after a drop.
@@ -200,6 +228,42 @@ impl std::fmt::Debug for Telemetry {
         f.debug_struct("Telemetry")
             .field("copy_probes", &self.probes)
             .finish_non_exhaustive()
+    }
+}
+
+fn io_error(msg: &str) -> ProgramError {
+    ProgramError::IOError(std::io::Error::other(msg.to_string()))
+}
+
+/// The copy meter of one process; dropping it detaches the meter.
+#[derive(Debug)]
+pub struct CopyMeter {
+    inner: Weak<Mutex<State>>,
+    pid: u32,
+    links: Vec<UProbeLinkId>,
+}
+
+impl CopyMeter {
+    /// The metered process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+impl Drop for CopyMeter {
+    fn drop(&mut self) {
+        // Without the telemetry its programs, and so these links, are gone already.
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut state = lock(&inner);
+        if let Ok(up) = program::<UProbe>(&mut state.ebpf, MEMCPY) {
+            for link in self.links.drain(..) {
+                if let Err(e) = up.detach(link) {
+                    log::warn!("detaching the copy meter of process {}: {e}", self.pid);
+                }
+            }
+        }
     }
 }
 
@@ -282,36 +346,7 @@ impl Watch {
         self.deny.is_some()
     }
 
-    /// Meters the glibc copies (memcpy, memmove, mempcpy and their `_chk` forms) of process
-    /// `pid`: all its threads and whatever it execs, not the processes it forks. Its copies
-    /// are charged to this cgroup while the process is in it. Attach before the process starts
-    /// its work: each metered copy call costs the process one uprobe trap; processes not
-    /// metered pay nothing.
-    pub fn meter_copies(&mut self, pid: u32) -> Result<(), Error> {
-        let inner = self.inner.upgrade().ok_or(Error::Stopped)?;
-        let nz = std::num::NonZeroU32::new(pid).ok_or_else(|| Error::Meter {
-            pid,
-            source: ProgramError::IOError(std::io::Error::other("pid 0 names no process")),
-        })?;
-        let mut state = lock(&inner);
-        let probes = &state.probes;
-        let (library, offsets): (PathBuf, Vec<u64>) = (
-            probes.library.clone(),
-            probes.probes.iter().map(|p| p.file_offset).collect(),
-        );
-        let up: &mut UProbe = program(&mut state.ebpf, MEMCPY).map_err(|_| missing(&self.dir))?;
-        for offset in offsets {
-            let at = UProbeAttachLocation::AbsoluteOffset(offset);
-            match up.attach(at, &library, UProbeScope::OneProcess(nz)) {
-                Ok(link) => self.metered.push(link),
-                Err(source) => return Err(Error::Meter { pid, source }),
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads and clears the cgroup's counters, unregisters it and detaches its network denial
-    /// and copy meters. Call it once the function's processes have exited.
+    /// Reads and clears the cgroup's counters, unregisters it and detaches its network denial. Call it once the function's processes have exited.
     pub fn take(mut self) -> Result<Counters, Error> {
         self.release()
     }
@@ -327,15 +362,6 @@ impl Watch {
         let mut first_err = None;
         if let Some(links) = self.deny.take() {
             first_err = detach_deny(&mut state.ebpf, &self.dir, links).err();
-        }
-        if !self.metered.is_empty() {
-            let up: &mut UProbe =
-                program(&mut state.ebpf, MEMCPY).map_err(|_| missing(&self.dir))?;
-            for link in self.metered.drain(..) {
-                if let Err(source) = up.detach(link) {
-                    first_err.get_or_insert(Error::Meter { pid: 0, source });
-                }
-            }
         }
         let stats = state.stats.get(&self.cgroup_id, 0).map_err(map_err(STATS));
         let _ = state.stats.remove(&self.cgroup_id);

@@ -32,10 +32,8 @@ fn fresh_pages_are_charged_as_faults() {
     assert_ne!(region, libc::MAP_FAILED);
     // One fault per page: no transparent huge pages (nor multi-size THP) for this range.
     // SAFETY: region is the mapping above.
-    assert_eq!(
-        unsafe { libc::madvise(region, n * PAGE, libc::MADV_NOHUGEPAGE) },
-        0
-    );
+    let advised = unsafe { libc::madvise(region, n * PAGE, libc::MADV_NOHUGEPAGE) };
+    assert_eq!(advised, 0);
 
     let cg = TestCgroup::new();
     let watch = t.watch(&cg.path, false).expect("watch");
@@ -112,7 +110,7 @@ fn memcpy_bytes_are_charged() {
     let expected_calls: u64 = plan.iter().map(|&(_, _, c)| c as u64).sum();
 
     let cg = TestCgroup::new();
-    let mut watch = t.watch(&cg.path, false).expect("watch");
+    let watch = t.watch(&cg.path, false).expect("watch");
     let (s, d) = (src.as_ptr() as usize, dst.as_mut_ptr() as usize);
     let (go_r, go_w) = pipe();
     let child = spawn_in(&cg, || {
@@ -135,9 +133,10 @@ fn memcpy_bytes_are_charged() {
         }
         0
     });
-    watch.meter_copies(child as u32).expect("meter the child");
+    let meter = t.meter_copies(child as u32).expect("meter the child");
     assert!(signal(go_w));
     let code = wait(child);
+    drop(meter);
     assert_eq!(code, 0);
     let c = watch.take().expect("take");
     eprintln!(
@@ -182,7 +181,7 @@ fn copies_are_charged_only_to_metered_processes_of_their_cgroup() {
     let watched = TestCgroup::new();
     let other = TestCgroup::new();
     let watch = t.watch(&watched.path, false).expect("watch");
-    let mut other_watch = t.watch(&other.path, false).expect("watch");
+    let other_watch = t.watch(&other.path, false).expect("watch");
     let src = vec![1u8; 1 << 20];
     let mut dst = vec![0u8; 1 << 20];
     let (s, d) = (src.as_ptr() as usize, dst.as_mut_ptr() as usize);
@@ -200,9 +199,10 @@ fn copies_are_charged_only_to_metered_processes_of_their_cgroup() {
         copy();
         0
     });
-    other_watch.meter_copies(child as u32).expect("meter");
+    let meter = t.meter_copies(child as u32).expect("meter");
     assert!(signal(go_w));
     assert_eq!(wait(child), 0);
+    drop(meter);
     // A process in the watched cgroup that is not metered is charged no copies.
     assert_eq!(
         run_in(&watched, || {
@@ -277,4 +277,41 @@ fn bad_cgroup_paths_are_refused() {
     let e = t.watch(&cg.path, false).expect_err("twice");
     assert!(e.to_string().contains("already watched"), "{e}");
     drop(w);
+}
+
+#[test]
+fn a_dropped_meter_counts_nothing() {
+    let Some(t) = telemetry("a_dropped_meter_counts_nothing") else {
+        return;
+    };
+    let e = t.meter_copies(0).expect_err("pid 0");
+    assert!(e.to_string().contains("process 0"), "{e}");
+    let e = t
+        .meter_copies(i32::MAX as u32)
+        .expect_err("no such process");
+    assert!(
+        e.to_string().contains(&(i32::MAX as u32).to_string()),
+        "{e}"
+    );
+
+    let cg = TestCgroup::new();
+    let watch = t.watch(&cg.path, false).expect("watch");
+    let src = vec![1u8; 1 << 16];
+    let mut dst = vec![0u8; 1 << 16];
+    let (s, d) = (src.as_ptr() as usize, dst.as_mut_ptr() as usize);
+    let memcpy: Copy3 = libc::memcpy;
+    let (go_r, go_w) = pipe();
+    let child = spawn_in(&cg, || {
+        if !await_signal(go_r) {
+            return 10;
+        }
+        // SAFETY: both buffers hold 64 KiB.
+        unsafe { std::ptr::read_volatile(&memcpy)(d as *mut c_void, s as *const c_void, 1 << 16) };
+        0
+    });
+    drop(t.meter_copies(child as u32).expect("meter"));
+    assert!(signal(go_w));
+    assert_eq!(wait(child), 0);
+    assert_eq!(watch.take().expect("take").memcpy_calls, 0);
+    drop(dst);
 }
