@@ -42,3 +42,16 @@ pub use telemetry::{CopyMeter, KernelIds, Telemetry, Watch};
 mod object {
     include!(concat!(env!("OUT_DIR"), "/object.rs"));
 }
+
+#[cfg(test)]
+mod tests {
+    /// The agent shares one Telemetry between threads and moves watches and meters around.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Telemetry>();
+        send_sync::<crate::Watch>();
+        send_sync::<crate::CopyMeter>();
+        send_sync::<crate::Counters>();
+    }
+}
