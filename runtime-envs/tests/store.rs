@@ -18,7 +18,7 @@ impl Phases {
         |p| self.0.lock().unwrap().push(p)
     }
     fn built(&self) -> usize {
-        self.0.lock().unwrap().iter().filter(|p| matches!(p, Progress::CreatingVenv { .. })).count()
+        self.0.lock().unwrap().iter().filter(|p| matches!(p, Progress::Installing { .. })).count()
     }
     fn is_empty(&self) -> bool {
         self.0.lock().unwrap().is_empty()
@@ -204,8 +204,14 @@ fn remove_and_gc() {
     let phases = Phases::default();
     assert_eq!(store.ensure(&specs[0], &phases.callback()).unwrap().key, keys[0]);
     assert_eq!(phases.built(), 1);
-    // Now alpha 1.0 is the most recent; a leftover of a crashed build is lying around.
-    std::fs::create_dir(s.root().join(format!(".staging-{}-crashed", keys[1]))).unwrap();
+    // Now alpha 1.0 is the most recent. A crashed build left its staging folder two hours
+    // ago; a live build's is fresh, and gc leaves it alone.
+    let crashed = s.root().join(".staging-crashed");
+    std::fs::create_dir(&crashed).unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::open(&crashed).unwrap().set_modified(two_hours_ago).unwrap();
+    let live = s.root().join(".staging-live");
+    std::fs::create_dir(&live).unwrap();
 
     let removed = store.gc(GcPolicy { keep: Some(1), older_than: Some(Duration::from_secs(3600)) }).unwrap();
     assert!(removed.is_empty(), "nothing is an hour old: {removed:?}");
@@ -215,7 +221,7 @@ fn remove_and_gc() {
     expect.sort();
     assert_eq!(removed, expect);
     assert_eq!(s.envs(), [keys[0].clone()]);
-    assert!(s.leftovers().is_empty(), "{:?}", s.entries());
+    assert_eq!(s.leftovers(), [".staging-live"], "{:?}", s.entries());
     assert_eq!(std::fs::read_dir(s.root().join(".resolved")).unwrap().count(), 1, "stale resolutions pruned");
     assert_eq!(store.gc(GcPolicy::default()).unwrap(), [keys[0].clone()]);
     assert!(store.list().unwrap().is_empty());

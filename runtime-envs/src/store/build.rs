@@ -35,40 +35,47 @@ impl Store {
         Ok(lines.iter().map(|l| format!("{l}\n")).collect())
     }
 
-    /// Builds `lock` into `root/KEY`: a relocatable venv in a staging folder, the lock synced
-    /// into it, the manifest written, then one rename. The caller holds the key's lock. On any
-    /// failure the staging folder goes and nothing appears under the key.
+    /// Creates an empty relocatable venv (entry points survive the rename into place).
+    pub(super) fn create_venv(&self, uv: &Path, interp: &Interpreter, venv: &Path) -> Result<(), StoreError> {
+        let mut cmd = uv::command(uv, &self.opts.cache, &["venv", "--relocatable", "--no-project", "--quiet"]);
+        cmd.arg("--python").arg(&interp.path).arg(venv);
+        uv::run(cmd, None, |message| StoreError::Build { step: "creating the venv", message }).map(drop)
+    }
+
+    /// Installs `lock` into the venv `staging/env`, writes its manifest and renames it to
+    /// `root/KEY`. The caller holds the key's lock and drops `staging` afterwards, so on any
+    /// failure nothing appears under the key.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn build(
+    pub(super) fn install(
         &self,
         uv: &Path,
         interp: &Interpreter,
+        staging: &Path,
         key: &str,
         lock: &str,
         reqs: &[String],
         spec: &EnvSpec,
         progress: &dyn Fn(Progress),
     ) -> Result<(), StoreError> {
-        // We hold the key's lock, so any staging folder of this key is a crashed build's.
-        self.remove_leftovers(Some(key));
-        let root = &self.opts.root;
-        let staging = tempfile::Builder::new()
-            .prefix(&format!(".staging-{key}-"))
-            .tempdir_in(root)
-            .map_err(io(|| format!("creating a staging folder in {}", root.display())))?;
-        let venv = staging.path().join("env");
-
-        progress(Progress::CreatingVenv { python: interp.version.clone() });
-        let mut cmd = uv::command(uv, &self.opts.cache, &["venv", "--relocatable", "--no-project", "--quiet"]);
-        cmd.arg("--python").arg(&interp.path).arg(&venv);
-        uv::run(cmd, None, |message| StoreError::Build { step: "creating the venv", message })?;
-
-        let lock_file = staging.path().join("requirements.txt");
+        let venv = staging.join("env");
+        let lock_file = staging.join("requirements.txt");
         std::fs::write(&lock_file, lock).map_err(io(|| format!("writing {}", lock_file.display())))?;
         progress(Progress::Installing { packages: lock.lines().count() });
-        let mut cmd = uv::command(uv, &self.opts.cache, &["pip", "sync", "--quiet"]);
-        cmd.arg("--python").arg(venv.join("bin/python")).args(self.source_args()).arg(&lock_file);
-        uv::run(cmd, None, |message| StoreError::Build { step: "installing packages", message })?;
+        let sync = |offline: bool| {
+            let mut cmd = uv::command(uv, &self.opts.cache, &["pip", "sync", "--quiet"]);
+            cmd.arg("--python").arg(venv.join("bin/python")).args(self.source_args()).arg(&lock_file);
+            if offline {
+                cmd.arg("--offline");
+            }
+            uv::run(cmd, None, |message| StoreError::Build { step: "installing packages", message })
+        };
+        // The resolution just revalidated the index page of every package in the lock, so
+        // the cache's view is current: installing from it alone skips a second round of
+        // requests. A wheel the cache lacks fails that attempt at once, before anything is
+        // installed, and the online one fetches it.
+        if self.opts.wheels.is_some() || sync(true).is_err() {
+            sync(false)?;
+        }
 
         let manifest = Manifest {
             key: key.to_string(),
@@ -85,7 +92,7 @@ impl Store {
             source: e.into(),
         })?;
         write_atomic(&venv.join("env.json"), &json)?;
-        let dest = root.join(key);
+        let dest = self.opts.root.join(key);
         std::fs::rename(&venv, &dest)
             .map_err(io(|| format!("moving {} to {}", venv.display(), dest.display())))?;
         Ok(())

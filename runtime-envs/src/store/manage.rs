@@ -4,8 +4,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::error::io;
-use super::lock::Wait;
-use super::{Env, KEY_LEN, Manifest, Store, StoreError, is_key};
+use super::{Env, Manifest, STAGING, Store, StoreError, is_key};
 
 /// Which environments `gc` removes: those outside the `keep` most recently used that were
 /// last used more than `older_than` ago (a `None` field does not protect anything).
@@ -113,32 +112,26 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        self.remove_leftovers(None);
+        self.remove_leftovers();
         self.prune_resolutions();
         Ok(removed)
     }
 
-    /// Removes `.staging-KEY-*` and `.trash-KEY-*` folders of `only` (whose lock the caller
-    /// holds), or of every key whose lock is free.
-    pub(super) fn remove_leftovers(&self, only: Option<&str>) {
-        let root = &self.opts.root;
-        let Ok(entries) = std::fs::read_dir(root) else { return };
+    /// Removes leftovers of crashed work: `.trash-*` folders (already unreachable) and
+    /// `.staging-*` folders older than any build takes (a live build's folder is younger).
+    fn remove_leftovers(&self) {
+        const STALE: Duration = Duration::from_secs(3600);
+        let Ok(entries) = std::fs::read_dir(&self.opts.root) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let Some(rest) = name.strip_prefix(".staging-").or_else(|| name.strip_prefix(".trash-")) else {
-                continue;
+            let stale = || {
+                entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE)
             };
-            let Some(key) = rest.get(..KEY_LEN).filter(|k| is_key(k)) else { continue };
-            let _guard = match only {
-                Some(k) if k == key => None,
-                Some(_) => continue,
-                None => match self.locks.acquire(&root.join(".locks"), &format!("env-{key}"), Wait::Try, &mut || {}) {
-                    Ok(Some(g)) => Some(g),
-                    _ => continue,
-                },
-            };
-            let _ = std::fs::remove_dir_all(entry.path());
+            if name.starts_with(".trash-") || (name.starts_with(STAGING) && stale()) {
+                // Another process removing the same folder makes this fail; either way it goes.
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 

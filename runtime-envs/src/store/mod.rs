@@ -4,8 +4,8 @@
 //!
 //! Layout under `root`: `KEY/` (a relocatable venv plus `env.json`), `.resolved/SPEC` (the key
 //! a spec resolved to, so a known spec is a lookup), `.used/KEY` (its mtime is the last use),
-//! `.locks/NAME` (flock files), `.staging-KEY-*` and `.trash-KEY-*` (builds and removals under
-//! way; an environment appears and disappears by one rename).
+//! `.locks/NAME` (flock files), `.staging-*` and `.trash-KEY-*` (builds and removals under way;
+//! an environment appears and disappears by one rename).
 
 mod build;
 mod error;
@@ -69,11 +69,9 @@ impl Default for StoreOptions {
 pub enum Progress {
     /// Another caller is resolving or building the same spec; this one waits for its result.
     Waiting,
-    /// uv is resolving the requirements into a lock.
-    Resolving,
-    /// Creating the venv on this interpreter version.
-    CreatingVenv {
-        /// The interpreter's full version.
+    /// uv is resolving the requirements into a lock while a venv is created beside it.
+    Resolving {
+        /// The chosen interpreter's full version.
         python: String,
     },
     /// Installing the lock's packages.
@@ -116,6 +114,9 @@ struct Manifest {
     lock: String,
     created_unix: u64,
 }
+
+/// The prefix of build folders in the root (`.staging-XXXXXX`).
+const STAGING: &str = ".staging-";
 
 /// Length of a key in hex digits (96 bits).
 const KEY_LEN: usize = 24;
@@ -183,16 +184,33 @@ impl Store {
         if let Some(env) = self.lookup(&spec_hash, spec) {
             return Ok(env);
         }
-        progress(Progress::Resolving);
         let interp = self.interpreter(&spec.python, &wanted)?;
-        let lock = self.resolve(uv, &interp, &reqs)?;
+        progress(Progress::Resolving { python: interp.version.clone() });
+        // A venv does not depend on the lock: create it while uv resolves, in a staging folder
+        // that is dropped (with the venv) on any failure or if the key exists already.
+        let root = &self.opts.root;
+        let staging = tempfile::Builder::new()
+            .prefix(STAGING)
+            .tempdir_in(root)
+            .map_err(io(|| format!("creating a staging folder in {}", root.display())))?;
+        let venv = staging.path().join("env");
+        let (lock, venv_made) = std::thread::scope(|s| {
+            let maker = s.spawn(|| self.create_venv(uv, &interp, &venv));
+            let lock = self.resolve(uv, &interp, &reqs);
+            (lock, maker.join())
+        });
+        let lock = lock?;
         let key = hash_hex(&["quiver-env-v1", "CPython", &interp.version, &lock]);
         {
             let _key_guard = self.lock(&format!("env-{key}"), &mut || progress(Progress::Waiting))?;
             if self.get(&key).is_err() {
-                self.build(uv, &interp, &key, &lock, &reqs, spec, progress)?;
+                venv_made.unwrap_or_else(|_| {
+                    Err(StoreError::Build { step: "creating the venv", message: "the thread creating it panicked".into() })
+                })?;
+                self.install(uv, &interp, staging.path(), &key, &lock, &reqs, spec, progress)?;
             }
         }
+        drop(staging);
         let resolved = self.opts.root.join(".resolved").join(&spec_hash);
         write_atomic(&resolved, key.as_bytes())?;
         self.touch(&key);

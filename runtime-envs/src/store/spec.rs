@@ -16,6 +16,7 @@ pub struct EnvSpec {
     /// The Python version: `"3.11"` or `"3.11.7"`.
     pub python: String,
     /// Package name (with optional extras, `polars[pyarrow]`) to version requirement.
+    #[serde(default)]
     pub pip: BTreeMap<String, String>,
 }
 
