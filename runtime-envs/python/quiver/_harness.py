@@ -18,6 +18,7 @@ child instead.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -33,6 +34,10 @@ READ_ONLY_HINT = (
     "or arr = numpy.array(col, copy=True)"
 )
 _READ_ONLY_SIGNS = ("read-only", "readonly", "not writeable", "not writable", "writeable flag")
+
+
+# Objects kept alive until exit once the output is sent (see _run).
+_KEEP: list = []
 
 
 class UserError(Exception):
@@ -94,6 +99,12 @@ def _run(native, fd: int, req: dict):
     if task.get("expectation"):
         return _expectation(result, label)
     table = _to_arrow(result, label)
+    # Sending seals the arena chunks the output lies in, and any other large block in them
+    # turns read-only with it (a big bytes or tuple object included). From here on nothing may
+    # write to such objects: no cyclic GC (it writes object headers) and no deallocation
+    # (reference counts) until the process exits.
+    gc.disable()
+    _KEEP.extend([kwargs, result, table, fn])
     native.send_table(fd, table)
     return None
 
