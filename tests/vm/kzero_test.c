@@ -443,6 +443,52 @@ static int t_fork_shared(void)
 	return 0;
 }
 
+/* pagemap bit 62: the page is in swap. */
+static int swapped(const void *addr)
+{
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	uint64_t e = 0;
+	ssize_t n = pread(fd, &e, 8, (off_t)((uintptr_t)addr / PG) * 8);
+
+	close(fd);
+	return n == 8 && (e >> 62 & 1);
+}
+
+static int t_swap(void)
+{
+	size_t n = 64, len = n * PG, i, out = 0;
+	struct quiver_kzero_deanon d;
+	char *p = map_anon(len);
+	int fd = new_file(), r;
+
+	CHECK(p && fd >= 0, "setup");
+	madvise(p, len, MADV_NOHUGEPAGE);
+	fill(p, len, 8);
+	CHECK(madvise(p, len, 21 /* MADV_PAGEOUT */) == 0, "MADV_PAGEOUT: %s",
+	      strerror(errno));
+	for (i = 0; i < n; i++)
+		out += swapped(p + i * PG);
+	CHECK(out >= n / 2, "only %zu of %zu pages went to swap (is swap on?)",
+	      out, n);
+	r = deanon(fd, p, len, 0, &d);
+	CHECK(r == 0, "DEANON: %s", strerror(-r));
+	/* Swapped in first, then moved: no copy, nothing zero-filled. */
+	CHECK(d.pages_moved == n && !d.pages_copied && !d.pages_zeroed,
+	      "moved %llu copied %llu zeroed %llu",
+	      (unsigned long long)d.pages_moved,
+	      (unsigned long long)d.pages_copied,
+	      (unsigned long long)d.pages_zeroed);
+	for (i = 0; i < n; i++)
+		CHECK(pfn(p + i * PG) && !swapped(p + i * PG),
+		      "page %zu not present after DEANON", i);
+	if (verify(p, len, 8))
+		return -1;
+	printf("# swap: %zu of %zu pages were in swap before DEANON\n", out, n);
+	munmap(p, len);
+	close(fd);
+	return 0;
+}
+
 static int t_multi_vma(void)
 {
 	size_t len = 12 * PG, i;
@@ -909,7 +955,7 @@ static int t_bench(void)
 {
 	size_t sz;
 
-	for (sz = 64 << 10; sz <= (256UL << 20); sz *= 4) {
+	for (sz = 64 << 10; sz <= (1UL << 30); sz *= 4) {
 		double t0, t1, t2;
 		char *p = map_anon(sz), *m;
 		int fd = new_file(), mfd = memfd_create("bench", MFD_CLOEXEC);
@@ -946,6 +992,7 @@ static const struct {
 	{ "kzero_thp", t_thp },
 	{ "kzero_fork_shared", t_fork_shared },
 	{ "kzero_multi_vma", t_multi_vma },
+	{ "kzero_swap", t_swap },
 	{ "kzero_writer_exits", t_writer_exits },
 	{ "kzero_refusals", t_refusals },
 	{ "kzero_stress", t_stress },

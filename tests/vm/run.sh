@@ -144,6 +144,11 @@ EOF
 fi
 
 cp "$BUILD/kmod/quiver_kzero.ko" "$BUILD/initramfs/"
+# zram and what it needs, from the same kernel package: the swap device of the swap test.
+mkdir -p "$BUILD/initramfs/modules"
+for m in mm/zsmalloc crypto/lzo-rle drivers/block/zram/zram; do
+	cp "$R/lib/modules/$FLAVOUR/kernel/$m.ko" "$BUILD/initramfs/modules/"
+done
 cp "$R/bin/busybox" "$BUILD/initramfs/bin/busybox"
 cat >"$BUILD/initramfs/init" <<'EOF'
 #!/bin/busybox sh
@@ -153,6 +158,10 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+# Swap on zram, so the swap test has swapped-out pages to move.
+for m in zsmalloc lzo-rle zram; do insmod /modules/$m.ko; done
+echo 256M >/sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0 ||
+	echo "# no swap: zram setup failed"
 echo "== tests"
 if insmod /quiver_kzero.ko mode=0666; then
 	echo "PASS kzero_insmod"
@@ -194,7 +203,7 @@ chmod +x "$BUILD/initramfs/init"
 log "booting $FLAVOUR under qemu TCG (timeout ${TIMEOUT}s)"
 set +e
 timeout "$TIMEOUT" "$QEMU" -L "$R/usr/share/qemu" -L "$R/usr/share/seabios" \
-	-machine q35 -accel tcg -cpu max -smp 2 -m 2048 -no-reboot -nic none \
+	-machine q35 -accel tcg -cpu max -smp 2 -m 3584 -no-reboot -nic none \
 	-display none -monitor none -serial "file:$BUILD/console.raw" \
 	-kernel "$R/boot/vmlinuz-$FLAVOUR" -initrd "$BUILD/initramfs.cpio.gz" \
 	-append "console=ttyS0 panic=-1 transparent_hugepage=always" </dev/null
