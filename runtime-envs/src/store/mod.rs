@@ -15,7 +15,7 @@ pub mod python;
 mod spec;
 pub mod uv;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -140,7 +140,8 @@ pub struct Store {
     opts: StoreOptions,
     uv: Option<PathBuf>,
     locks: Arc<Locks>,
-    interpreters: Mutex<Option<Vec<Interpreter>>>,
+    /// The interpreter chosen for each requested version.
+    interpreters: Mutex<HashMap<Vec<u32>, Interpreter>>,
 }
 
 impl Store {
@@ -156,7 +157,7 @@ impl Store {
             std::fs::create_dir_all(&dir).map_err(io(|| format!("creating {}", dir.display())))?;
         }
         let uv = opts.uv.clone().or_else(uv::find_uv);
-        Ok(Store { opts, uv, locks: Arc::default(), interpreters: Mutex::new(None) })
+        Ok(Store { opts, uv, locks: Arc::default(), interpreters: Mutex::default() })
     }
 
     /// The options the store was opened with.
@@ -258,22 +259,19 @@ impl Store {
             })
     }
 
-    /// The interpreter for a requested version, rediscovering once if the known ones do not
-    /// have it (one may have been installed since).
+    /// The interpreter for a requested version, found once per store (an interpreter
+    /// installed later is found by the next store).
     fn interpreter(&self, requested: &str, wanted: &[u32]) -> Result<Interpreter, StoreError> {
-        let mut known = self.interpreters.lock().unwrap_or_else(|e| e.into_inner());
-        for fresh in [false, true] {
-            if fresh || known.is_none() {
-                *known = Some(python::discover(self.opts.interpreters.as_deref()));
-            }
-            let all = known.as_deref().unwrap_or_default();
-            if let Some(i) = python::choose(all, wanted) {
-                return Ok(i.clone());
-            }
+        let mut chosen = self.interpreters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = chosen.get(wanted) {
+            return Ok(i.clone());
         }
-        let available = known
-            .as_deref()
-            .unwrap_or_default()
+        let paths = self.opts.interpreters.as_deref();
+        if let Some(i) = python::choose(&python::discover(paths, Some(wanted)), wanted) {
+            chosen.insert(wanted.to_vec(), i.clone());
+            return Ok(i.clone());
+        }
+        let available = python::discover(paths, None)
             .iter()
             .map(|i| format!("{} ({})", i.version, i.path.display()))
             .collect();

@@ -83,13 +83,28 @@ fn inspect(path: &Path) -> Option<Interpreter> {
     version.starts_with("3.").then(|| Interpreter { path: path.to_path_buf(), version, base_prefix })
 }
 
+/// The version a candidate's path announces (`versions/3.11.7/bin/python3`, `python3.11`).
+fn version_hint(path: &Path) -> Option<Vec<u32>> {
+    let name = path.file_name()?.to_str()?;
+    let text = match name.strip_prefix("python") {
+        Some(v) if v.contains('.') => v,
+        _ => path.parent()?.parent()?.file_name()?.to_str()?,
+    };
+    text.split('.').map(|p| p.parse().ok()).collect()
+}
+
 /// Every usable interpreter among `paths` (or the default places), probed in parallel, one per
-/// real file, in order of preference.
-pub fn discover(paths: Option<&[PathBuf]>) -> Vec<Interpreter> {
+/// real file, in order of preference. With `wanted`, candidates whose path names another
+/// version are not probed (each probe starts an interpreter).
+pub fn discover(paths: Option<&[PathBuf]>, wanted: Option<&[u32]>) -> Vec<Interpreter> {
     let paths = paths.map(<[PathBuf]>::to_vec).unwrap_or_else(candidates);
     let mut seen = std::collections::HashSet::new();
     let paths: Vec<PathBuf> = paths
         .into_iter()
+        .filter(|p| match (wanted, version_hint(p)) {
+            (Some(w), Some(h)) => h.starts_with(w) || w.starts_with(&h),
+            _ => true,
+        })
         .filter(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())))
         .collect();
     std::thread::scope(|s| {
@@ -108,4 +123,17 @@ pub fn choose<'a>(all: &'a [Interpreter], wanted: &[u32]) -> Option<&'a Interpre
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_announce_versions() {
+        assert_eq!(version_hint(Path::new("/root/.pyenv/versions/3.11.7/bin/python3")), Some(vec![3, 11, 7]));
+        assert_eq!(version_hint(Path::new("/usr/bin/python3.12")), Some(vec![3, 12]));
+        assert_eq!(version_hint(Path::new("/root/.pyenv/versions/miniconda3/bin/python3")), None);
+        assert_eq!(version_hint(Path::new("/usr/bin/python3")), None);
+    }
 }
