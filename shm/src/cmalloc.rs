@@ -199,12 +199,20 @@ fn page_malloc(p: &ProcessArena, size: usize) -> *mut c_void {
     }
 }
 
-/// The arena allocation `ptr` points to: its chunk, the offset of its block and its header.
+/// Header of a block in a chunk inherited through `fork`: its memory is not mapped here
+/// (writable chunk mappings are `MADV_DONTFORK`), so it can only be forgotten.
+const INHERITED: Header = Header { size: 0, lead: 0, total: 0 };
+
+/// The arena allocation `ptr` points to: its chunk, the offset of its block and its header
+/// ([`INHERITED`] for a block of a parent's arena).
 fn lookup(ptr: *mut c_void) -> Option<(Arc<Chunk>, usize, Header)> {
     if ptr.is_null() || registry::in_arena() {
         return None;
     }
     let (chunk, off) = registry::find(ptr as *const u8, 1)?;
+    if chunk.is_inherited() {
+        return Some((chunk, 0, INHERITED));
+    }
     let head = off.checked_sub(HEADER)?;
     // SAFETY: the header lies in the same live chunk, before ptr; chunks stay readable (also
     // once frozen) while registered.
@@ -310,7 +318,7 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
 pub unsafe fn free(ptr: *mut c_void) {
     if let Some((chunk, start, h)) = lookup(ptr) {
         // An inherited block's memory is the parent's: leave it alone.
-        if !chunk.is_inherited() {
+        if h.lead != INHERITED.lead {
             chunk.release(start, h.total);
         }
         return;
@@ -393,14 +401,19 @@ pub unsafe fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
         // SAFETY: a glibc pointer, forwarded unchanged.
         return unsafe { __libc_realloc(ptr, size) };
     };
-    let inherited = chunk.is_inherited();
-    if size == 0 {
-        if !inherited {
-            chunk.release(start, h.total);
+    if h.lead == INHERITED.lead {
+        if size == 0 {
+            return std::ptr::null_mut();
         }
+        // Its bytes are not mapped in this process: nothing can be carried over.
+        eprintln!("quiver-shm: realloc() of a block of the parent's arena after fork");
+        std::process::abort();
+    }
+    if size == 0 {
+        chunk.release(start, h.total);
         return std::ptr::null_mut();
     }
-    if !inherited {
+    {
         let want = if h.lead == HEADER { size.checked_add(HEADER) } else { page_block(size) };
         if let Some(want) = want
             && resize(&chunk, start, h, want)
@@ -416,9 +429,7 @@ pub unsafe fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
         let new = malloc(size);
         if !new.is_null() {
             std::ptr::copy_nonoverlapping(ptr as *const u8, new as *mut u8, h.size.min(size));
-            if !inherited {
-                chunk.release(start, h.total);
-            }
+            chunk.release(start, h.total);
         }
         new
     }

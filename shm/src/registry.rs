@@ -47,6 +47,11 @@ pub(crate) fn in_arena() -> bool {
 
 pub(crate) fn insert(chunk: Arc<Chunk>) {
     let _g = InArena::enter();
+    static ATFORK: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a handler that only makes raw syscalls and takes no blocking lock.
+    ATFORK.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(hold_inherited_spans));
+    });
     let (start, end) = chunk.span();
     let mut v = CHUNKS.write().unwrap_or_else(|e| e.into_inner());
     let at = v.partition_point(|c| c.span().0 < start);
@@ -61,12 +66,38 @@ pub(crate) fn remove(chunk: &Chunk) {
         let mut v = CHUNKS.write().unwrap_or_else(|e| e.into_inner());
         let start = chunk.span().0;
         match v.binary_search_by(|c| c.span().0.cmp(&start)) {
-            Ok(i) => Some(v.remove(i)),
-            Err(_) => None,
+            // The id check keeps a forked child's own chunk safe from an inherited one that
+            // once had the same address.
+            Ok(i) if v[i].id() == chunk.id() => Some(v.remove(i)),
+            _ => None,
         }
     };
     // Dropped outside the lock: the chunk's own drop frees memory and must not find it held.
     drop(removed);
+}
+
+/// Runs in a child right after `fork`. Writable chunk mappings are `MADV_DONTFORK`, so the
+/// child has nothing at their addresses while the registry still names them: inaccessible
+/// placeholders keep the child's own mappings (glibc's, a new arena's) from landing there and
+/// being taken for the parent's chunks. Read-only (sealed) mappings are inherited and stay.
+extern "C" fn hold_inherited_spans() {
+    // A lock held by a thread of the parent stays held in the child: then nothing can be done.
+    let Ok(v) = CHUNKS.try_read() else { return };
+    for c in v.iter() {
+        let (start, end) = c.span();
+        // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped (it fails with EEXIST
+        // over a sealed chunk's inherited mapping), so no live memory is replaced.
+        unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                end - start,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            );
+        }
+    }
 }
 
 /// The chunk that contains `[ptr, ptr+len)`, with the offset of `ptr` in it.
