@@ -48,18 +48,27 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
 
-/// The cdylib: beside the test executable's `deps` folder, built with cargo if missing.
+/// The cdylib, beside the test executable's `deps` folder. `cargo test` does not build a
+/// cdylib for integration tests, so it is brought up to date here (a no-op when fresh).
 fn cdylib() -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let lib = dir.join("libquiver_preload.so");
-    if !lib.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo).args(["build", "-p", "quiver-preload"]).status().expect("cargo build");
-        assert!(st.success(), "cargo build -p quiver-preload failed");
-    }
-    assert!(lib.exists(), "{} is missing", lib.display());
-    lib
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test exe");
+            let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "quiver-preload"]).current_dir(repo());
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("cargo build");
+            assert!(st.success(), "cargo build -p quiver-preload failed");
+            let lib = dir.join("libquiver_preload.so");
+            assert!(lib.exists(), "{} is missing", lib.display());
+            lib
+        })
+        .clone()
 }
 
 /// An input table `id: int64, x: float64, country: utf8` of `n` rows, in sealed segments.
@@ -110,12 +119,28 @@ fn inode(fd: impl AsFd) -> u64 {
 impl Run {
     /// Starts the harness on a module with `source` in a fresh folder.
     fn start(source: &str) -> Run {
+        Run::start_with(source, &["-m", "quiver._harness", "--fd", "3"])
+    }
+
+    /// As a zygote does: a process that imported pyarrow and pandas (the library preloaded,
+    /// the arena never enabled) forks, and the child serves the request.
+    fn start_forked(source: &str) -> Run {
+        let code = "import os, pyarrow, pandas\n\
+                    from quiver import _harness\n\
+                    pid = os.fork()\n\
+                    if pid == 0:\n    os._exit(_harness.serve(3))\n\
+                    _, st = os.waitpid(pid, 0)\n\
+                    os._exit(os.waitstatus_to_exitcode(st))\n";
+        Run::start_with(source, &["-c", code])
+    }
+
+    fn start_with(source: &str, args: &[&str]) -> Run {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("models.py"), source).expect("module");
         let (ours, theirs) = socketpair().expect("socketpair");
         let raw = theirs.as_raw_fd();
         let mut cmd = Command::new(python());
-        cmd.args(["-m", "quiver._harness", "--fd", "3"])
+        cmd.args(args)
             .env("LD_PRELOAD", cdylib())
             .env("ARROW_DEFAULT_MEMORY_POOL", "system")
             .env("PYTHONPATH", repo().join("runtime-envs/python"))
@@ -461,4 +486,23 @@ fn polars_result_is_accepted() {
     let y = f64s(t, "y");
     assert_eq!(y.len(), ROWS);
     assert!(f64s(t, "x").iter().zip(&y).all(|(x, y)| *y == x * 2.0));
+}
+
+#[test]
+fn a_child_forked_from_a_zygote_serves_with_its_own_arena() {
+    if !have("pyarrow, pandas") {
+        return;
+    }
+    let inp = input(ROWS);
+    let o = Run::start_forked(
+        "import pyarrow.compute as pc\n\
+         def f(data):\n    return data.append_column('y', pc.add(data['id'], 1))\n",
+    )
+    .call("f", param("data", "src"), false, &[("src", &inp)]);
+    let (r, c) = bytes(&o);
+    assert_eq!(c, 0, "reply {}, stderr {}", o.reply, o.stderr);
+    assert!(r > 0);
+    let t = o.table.as_ref().expect("table");
+    assert!(i64s(t, "id").iter().zip(i64s(t, "y")).all(|(i, y)| y == i + 1));
+    assert!(segment_name(&o, "y").contains("memfd:quiver-fn-"));
 }
