@@ -3,8 +3,10 @@
 //!
 //! `cargo run --release -p quiver-bench -- handoff [--rows 1000000,10000000] [--json]`
 //! `cargo run --release -p quiver-bench -- pipeline [--trips 10000000] [--json]`
+//! `cargo run --release -p quiver-bench -- envs [--wheels DIR] [--json]`
 //! `cargo run --release -p quiver-bench -- telemetry [--repeat 5] [--json]` (as root)
 
+mod envs;
 mod handoff;
 mod pipeline;
 mod proc;
@@ -30,6 +32,9 @@ enum Bench {
     /// The example DAG at 10M trips: quiver with the arena, quiver copying every edge through
     /// an Arrow IPC stream, and one DuckDB in one process.
     Pipeline(pipeline::Args),
+    /// The environment store: a new pyarrow + pandas spec on a cold and a warm uv cache, one
+    /// more package on a warm cache, a lookup.
+    Envs(envs::Args),
     /// What the eBPF telemetry costs: memcpy- and fault-heavy children with it off, watching
     /// them, and watching another cgroup.
     Telemetry(telemetry::Args),
@@ -45,6 +50,7 @@ fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Handoff(a) => handoff::run(a),
         Bench::Pipeline(a) => pipeline::run(a),
+        Bench::Envs(a) => envs::run(a),
         Bench::HandoffChild(a) => handoff::child(a),
         Bench::Telemetry(a) => telemetry::run(a),
         Bench::TelemetryChild(a) => telemetry::child(a),
