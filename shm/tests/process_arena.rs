@@ -83,7 +83,7 @@ fn small_allocations_stay_on_the_heap() {
     unsafe {
         let p = libc::malloc(100);
         assert!(!p.is_null());
-        assert_eq!(cmalloc::malloc_usable_size(p) >= 100, true);
+        assert!(cmalloc::malloc_usable_size(p) >= 100);
         let big = libc::malloc(THRESHOLD);
         assert_eq!(big as usize % page(), 0);
         assert_eq!(cmalloc::malloc_usable_size(big), THRESHOLD);
@@ -192,7 +192,7 @@ fn a_forked_child_never_touches_its_parents_arena() {
             libc::free(p.cast());
             cmalloc::enable_process_arena(THRESHOLD);
             let q = libc::malloc(size) as *mut u8;
-            let fresh = !q.is_null() && q as usize % page() == 0 && (q as usize).abs_diff(p as usize) >= size;
+            let fresh = !q.is_null() && (q as usize).is_multiple_of(page()) && (q as usize).abs_diff(p as usize) >= size;
             if fresh {
                 std::ptr::write_bytes(q, 0x11, size);
                 libc::free(q.cast());

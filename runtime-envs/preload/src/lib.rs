@@ -136,7 +136,7 @@ fn page() -> usize {
 pub extern "C" fn quiver_arena_enable(threshold_bytes: usize) -> libc::c_int {
     // SAFETY: dlsym with a static, NUL-terminated name.
     let active = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) };
-    if active as usize != malloc as *const () as usize {
+    if !std::ptr::eq(active.cast_const().cast::<()>(), malloc as *const ()) {
         abi::set_error("libquiver_preload.so is not the process's allocator (load it with LD_PRELOAD)".into());
         return -1;
     }
