@@ -134,12 +134,25 @@ fn page() -> usize {
 /// loaded without `LD_PRELOAD`): outputs are then copied, and counted as such.
 #[unsafe(no_mangle)]
 pub extern "C" fn quiver_arena_enable(threshold_bytes: usize) -> libc::c_int {
-    // SAFETY: dlsym with a static, NUL-terminated name.
-    let active = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) };
-    if !std::ptr::eq(active.cast_const().cast::<()>(), malloc as *const ()) {
+    if !is_process_allocator() {
         abi::set_error("libquiver_preload.so is not the process's allocator (load it with LD_PRELOAD)".into());
         return -1;
     }
     cmalloc::enable_process_arena(threshold_bytes);
     0
+}
+
+/// Whether the `malloc` the process resolves is this library's. Taking `malloc`'s address here
+/// would go through the same resolution, so compare the objects the two addresses lie in.
+fn is_process_allocator() -> bool {
+    // SAFETY: dlsym with a static, NUL-terminated name.
+    let active = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) };
+    let base = |addr: *const libc::c_void| {
+        // SAFETY: Dl_info is plain data; dladdr only writes it.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: dladdr accepts any address and fills info when it lies in a loaded object.
+        (unsafe { libc::dladdr(addr, &mut info) } != 0).then_some(info.dli_fbase)
+    };
+    let ours = base(quiver_arena_enable as *const libc::c_void);
+    !active.is_null() && ours.is_some() && base(active) == ours
 }

@@ -119,7 +119,12 @@ fn inode(fd: impl AsFd) -> u64 {
 impl Run {
     /// Starts the harness on a module with `source` in a fresh folder.
     fn start(source: &str) -> Run {
-        Run::start_with(source, &["-m", "quiver._harness", "--fd", "3"])
+        Run::start_with(source, &["-m", "quiver._harness", "--fd", "3"], true)
+    }
+
+    /// A cold start that only loads the library through `QUIVER_PRELOAD` (no `LD_PRELOAD`).
+    fn start_unpreloaded(source: &str) -> Run {
+        Run::start_with(source, &["-m", "quiver._harness", "--fd", "3"], false)
     }
 
     /// As a zygote does: a process that imported pyarrow and pandas (the library preloaded,
@@ -131,22 +136,25 @@ impl Run {
                     if pid == 0:\n    os._exit(_harness.serve(3))\n\
                     _, st = os.waitpid(pid, 0)\n\
                     os._exit(os.waitstatus_to_exitcode(st))\n";
-        Run::start_with(source, &["-c", code])
+        Run::start_with(source, &["-c", code], true)
     }
 
-    fn start_with(source: &str, args: &[&str]) -> Run {
+    fn start_with(source: &str, args: &[&str], preload: bool) -> Run {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("models.py"), source).expect("module");
         let (ours, theirs) = socketpair().expect("socketpair");
         let raw = theirs.as_raw_fd();
         let mut cmd = Command::new(python());
         cmd.args(args)
-            .env("LD_PRELOAD", cdylib())
             .env("ARROW_DEFAULT_MEMORY_POOL", "system")
             .env("PYTHONPATH", repo().join("runtime-envs/python"))
-            .env_remove("QUIVER_PRELOAD")
             .current_dir(dir.path())
             .stderr(Stdio::piped());
+        if preload {
+            cmd.env("LD_PRELOAD", cdylib()).env_remove("QUIVER_PRELOAD");
+        } else {
+            cmd.env("QUIVER_PRELOAD", cdylib()).env_remove("LD_PRELOAD");
+        }
         // SAFETY: dup2 is async-signal-safe; it runs between fork and exec and gives the
         // harness its socket as fd 3 without CLOEXEC.
         unsafe {
@@ -505,4 +513,22 @@ fn a_child_forked_from_a_zygote_serves_with_its_own_arena() {
     let t = o.table.as_ref().expect("table");
     assert!(i64s(t, "id").iter().zip(i64s(t, "y")).all(|(i, y)| y == i + 1));
     assert!(segment_name(&o, "y").contains("memfd:quiver-fn-"));
+}
+
+#[test]
+fn without_the_preload_outputs_are_copied_and_counted() {
+    if !have("pyarrow") {
+        return;
+    }
+    let inp = input(ROWS);
+    let o = Run::start_unpreloaded(
+        "import pyarrow.compute as pc\n\
+         def f(data):\n    return data.append_column('y', pc.multiply(data['x'], 2.0))\n",
+    )
+    .call("f", param("data", "src"), false, &[("src", &inp)]);
+    let (r, c) = bytes(&o);
+    assert!(c >= (ROWS * 8) as u64, "the new column is copied: {c}");
+    assert!(r > 0, "the input's columns are still referenced");
+    assert!(o.stderr.contains("arena off"), "{}", o.stderr);
+    assert!(f64s(o.table.as_ref().expect("table"), "y").iter().zip(0..).all(|(y, i)| *y == i as f64));
 }
