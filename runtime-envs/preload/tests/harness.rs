@@ -48,23 +48,39 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
 
+/// Newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> std::time::SystemTime {
+    let mut t = std::time::SystemTime::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let m = if p.is_dir() { newest(&p) } else { e.metadata().and_then(|m| m.modified()).unwrap_or(t) };
+        t = t.max(m);
+    }
+    t
+}
+
 /// The cdylib, beside the test executable's `deps` folder. `cargo test` does not build a
-/// cdylib for integration tests, so it is brought up to date here (a no-op when fresh).
+/// cdylib for integration tests (`cargo build --workspace` does): when it is missing or older
+/// than its sources it is built here.
 fn cdylib() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().expect("test exe");
             let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "quiver-preload"]).current_dir(repo());
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let st = cmd.status().expect("cargo build");
-            assert!(st.success(), "cargo build -p quiver-preload failed");
             let lib = dir.join("libquiver_preload.so");
+            let sources = newest(&repo().join("runtime-envs/preload/src")).max(newest(&repo().join("shm/src")));
+            let fresh = std::fs::metadata(&lib).and_then(|m| m.modified()).is_ok_and(|t| t >= sources);
+            if !fresh {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let mut cmd = Command::new(cargo);
+                cmd.args(["build", "-p", "quiver-preload"]).current_dir(repo());
+                if dir.file_name().is_some_and(|n| n == "release") {
+                    cmd.arg("--release");
+                }
+                let st = cmd.status().expect("cargo build");
+                assert!(st.success(), "cargo build -p quiver-preload failed");
+            }
             assert!(lib.exists(), "{} is missing", lib.display());
             lib
         })
