@@ -83,6 +83,11 @@ def _run(native, fd: int, req: dict):
     if not isinstance(task, dict) or "Python" not in task:
         raise RuntimeError(f"not a Python task: {list(task) if isinstance(task, dict) else task!r}")
     task = task["Python"]
+    import pyarrow as pa
+
+    # pyarrow's default pool (mimalloc) bypasses malloc, so its buffers would miss the arena;
+    # ARROW_DEFAULT_MEMORY_POOL=system says the same, but only before the pool is first used.
+    pa.set_memory_pool(pa.system_memory_pool())
     names = list(req.get("inputs", []))
     tables = {}
     for name in names:
@@ -95,7 +100,7 @@ def _run(native, fd: int, req: dict):
         kwargs[p["arg"]] = _prepare(tables[p["parent"]], p)
     del tables
     result = _call(fn, kwargs, task["module"])
-    label = f"{task['function']}"
+    label = req.get("node") or task["function"]
     if task.get("expectation"):
         return _expectation(result, label)
     table = _to_arrow(result, label)
