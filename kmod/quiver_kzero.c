@@ -524,6 +524,20 @@ static int kz_pin_range(struct kz_file *kz, unsigned long addr,
 			ret = got < 0 ? got : -EFAULT;
 			goto out;
 		}
+		/*
+		 * The range was checked before, not under the same lock: if
+		 * another thread remapped it meanwhile, what got pinned may
+		 * not be anonymous memory any more.
+		 */
+		for (i = 0; i < nr && PageAnon(pinned[i]); i++)
+			;
+		if (i < nr) {
+			unpin_user_pages(pinned, nr);
+			for (i = 0; i < nr; i++)
+				put_page(before[i]);
+			ret = -EINVAL;
+			goto out;
+		}
 		for (i = 0; i < nr; i++) {
 			kz_track(pinned[i], 1);
 			if (pinned[i] == before[i])

@@ -37,11 +37,12 @@ cloud_abi() {
 	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
 		sed -n 's/^ *Depends: linux-image-\(.*-cloud-amd64\)$/\1/p' | head -n1
 }
-FLAVOUR=$(cloud_abi)
-if [ -z "$FLAVOUR" ]; then
+# Package lists older than a day may name a kernel the mirror no longer has.
+if ! find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 | grep -q . ||
+	[ -z "$(cloud_abi)" ]; then
 	apt-get update -qq || skip_or_fail "apt-get update failed (offline?)"
-	FLAVOUR=$(cloud_abi)
 fi
+FLAVOUR=$(cloud_abi)
 [ -n "$FLAVOUR" ] || skip_or_fail "no linux-image-cloud-amd64 in the apt sources"
 log "kernel $FLAVOUR"
 
