@@ -109,7 +109,7 @@ BUILD=$CACHE/build
 rm -rf "$BUILD" && mkdir -p "$BUILD/initramfs"/{bin,dev,proc,sys,tmp,rust}
 cp -r "$REPO/kmod" "$BUILD/kmod"
 log "building the module against $HDR"
-make -C "$HDR" M="$BUILD/kmod" modules >"$BUILD/kmod.log" 2>&1 || {
+make -C "$HDR" M="$BUILD/kmod" QUIVER_KZERO_WERROR=y modules >"$BUILD/kmod.log" 2>&1 || {
 	cat "$BUILD/kmod.log"
 	echo "FAIL kzero_build"
 	exit 1
