@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod duck;
+mod env_cmd;
 mod executor;
 mod filter;
 mod launch;
@@ -14,6 +15,7 @@ mod plan;
 mod project;
 mod query;
 mod proto;
+mod python;
 mod server;
 mod single;
 mod sipc_socket;
@@ -108,6 +110,9 @@ enum Cmd {
         #[arg(long, default_value = "1GB", value_parser = taxi::parse_size)]
         size: u64,
     },
+    /// Build, list and remove the Python environments functions run in.
+    #[command(subcommand)]
+    Env(env_cmd::EnvCmd),
     /// One function invocation, fed by the agent over fd 3 (not for direct use).
     #[command(hide = true)]
     Worker,
@@ -161,6 +166,7 @@ fn main() -> Result<()> {
         Cmd::Query { sql, format, warehouse, socket } => query::run(&sql, &warehouse, &socket, format),
         Cmd::Status { run, socket } => runtime()?.block_on(cli::status(&socket, run)),
         Cmd::Tables { socket } => runtime()?.block_on(cli::tables(&socket)),
+        Cmd::Env(c) => env_cmd::run(c),
         Cmd::GenTaxi { out, size } => {
             let files = taxi::generate(&out, size)?;
             println!("wrote {size} trips in {} files to {}", files.len(), out.display());
