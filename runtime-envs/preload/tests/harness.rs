@@ -548,3 +548,36 @@ fn without_the_preload_outputs_are_copied_and_counted() {
     assert!(o.stderr.contains("arena off"), "{}", o.stderr);
     assert!(f64s(o.table.as_ref().expect("table"), "y").iter().zip(0..).all(|(y, i)| *y == i as f64));
 }
+
+/// The function records the physical frames behind its new column (from its own
+/// `/proc/self/pagemap`, in the schema metadata); the test finds the very same frames behind
+/// the column it received: the bytes were never copied. Frame numbers need root.
+#[test]
+fn the_received_column_maps_the_functions_own_frames() {
+    if !have("pyarrow") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(!in_ci(), "frame numbers need root, and CI runs as root");
+        eprintln!("skipped: frame numbers from pagemap need root");
+        return;
+    }
+    let inp = input(ROWS);
+    let o = Run::start(
+        "import struct\n\
+         import pyarrow.compute as pc\n\
+         def frames(addr, size):\n    out = []\n    with open('/proc/self/pagemap', 'rb') as f:\n        for a in range(addr // 4096 * 4096, addr + size, 4096):\n            f.seek(a // 4096 * 8)\n            out.append(struct.unpack('<Q', f.read(8))[0] & ((1 << 55) - 1))\n    return out\n\
+         def f(data):\n    y = pc.multiply(data['x'], 2.0).chunk(0)\n    b = y.buffers()[1]\n    fr = frames(b.address, b.size)\n    t = data.append_column('y', y)\n    return t.replace_schema_metadata({'frames': ','.join(map(str, fr))})\n",
+    )
+    .call("f", param("data", "src"), false, &[("src", &inp)]);
+    assert_eq!(bytes(&o).1, 0, "reply {}", o.reply);
+    let t = o.table.as_ref().expect("table");
+    let theirs: Vec<u64> = t.schema.metadata()["frames"].split(',').map(|s| s.parse().expect("frame")).collect();
+    assert!(theirs.iter().all(|&f| f != 0), "the function saw frame numbers");
+    let i = t.schema.index_of("y").expect("y");
+    let data = t.batches[0].column(i).to_data();
+    let buf = &data.buffers()[0];
+    let ours = quiver_shm::pagemap::frames(buf.as_ptr(), buf.len()).expect("frames");
+    assert_eq!(ours, theirs, "the received column is the function's memory");
+}
