@@ -226,3 +226,30 @@ fn remove_and_gc() {
     assert_eq!(store.gc(GcPolicy::default()).unwrap(), [keys[0].clone()]);
     assert!(store.list().unwrap().is_empty());
 }
+
+#[test]
+fn a_failed_install_leaves_nothing_and_is_retried() {
+    let Some(s) = Scratch::new("a_failed_install_leaves_nothing_and_is_retried") else { return };
+    let store = s.store();
+    // The resolver reads only the wheel's METADATA; a module whose bytes no longer match the
+    // zip's CRC fails when uv extracts it, in the install step.
+    let wheel = write_wheel(&s.wheels, "crc", "1.0", &[]);
+    let good = std::fs::read(&wheel).unwrap();
+    let mut bad = good.clone();
+    let at = bad.windows(4).position(|w| w == b"xxxx").expect("payload");
+    bad[at] = b'y';
+    std::fs::write(&wheel, &bad).unwrap();
+    let spec = EnvSpec::new(&s.python, [("crc", "1.0"), ("alpha", "2.0")]);
+    let phases = Phases::default();
+    let err = store.ensure(&spec, &phases.callback()).unwrap_err();
+    eprintln!("{err}");
+    assert!(matches!(err, StoreError::Build { step: "installing packages", .. }), "{err:?}");
+    assert!(err.to_string().contains("CRC"), "uv's reason: {err}");
+    assert_eq!(phases.built(), 1, "the failure came after resolution");
+    assert!(s.envs().is_empty() && s.leftovers().is_empty(), "{:?}", s.entries());
+    assert_eq!(std::fs::read_dir(s.root().join(".resolved")).unwrap().count(), 0);
+
+    std::fs::write(&wheel, &good).unwrap();
+    let env = store.ensure(&spec, &|_| {}).expect("retry");
+    assert_eq!(run_python(&env.python, "import crc, alpha; print(crc.VERSION, alpha.VERSION)"), "1.0 2.0");
+}
