@@ -4,8 +4,8 @@
 //!
 //! A binary opts in with [`crate::interpose_malloc!`], which defines the C symbols; its own
 //! definitions take precedence over glibc's for every library in the process. Outside a scope
-//! every call goes straight to glibc (`__libc_malloc` and friends), so the cost elsewhere is one
-//! thread-local read per `malloc` and an address-range check per `free`.
+//! every call goes straight to glibc (`__libc_malloc` and friends), so the cost elsewhere is a
+//! thread-local read and an atomic load per `malloc` and an address-range check per `free`.
 //!
 //! Scopes are meant to be narrow: everything the scoped thread allocates lands in the arena,
 //! including a library's own bookkeeping, and a chunk turns read-only once a table in it is
