@@ -253,3 +253,59 @@ fn a_failed_install_leaves_nothing_and_is_retried() {
     let env = store.ensure(&spec, &|_| {}).expect("retry");
     assert_eq!(run_python(&env.python, "import crc, alpha; print(crc.VERSION, alpha.VERSION)"), "1.0 2.0");
 }
+
+/// The child side of `concurrent_processes_build_once`: with `QUIVER_ENVS_CHILD` set (to
+/// `ROOT|CACHE|WHEELS|PYTHON`), ensures one spec and prints `built` or `found`, then the key.
+#[test]
+fn child_ensure() {
+    let Ok(args) = std::env::var("QUIVER_ENVS_CHILD") else { return };
+    let parts: Vec<&str> = args.split('|').collect();
+    let opts = quiver_envs::StoreOptions {
+        root: parts[0].into(),
+        cache: parts[1].into(),
+        wheels: Some(parts[2].into()),
+        base: Default::default(),
+        ..Default::default()
+    };
+    let store = quiver_envs::Store::open(opts).expect("open");
+    let phases = Phases::default();
+    let env = store.ensure(&EnvSpec::new(parts[3], [("beta", "1.0")]), &phases.callback()).expect("ensure");
+    println!("QUIVER-CHILD {} {}", if phases.built() > 0 { "built" } else { "found" }, env.key);
+}
+
+#[test]
+fn concurrent_processes_build_once() {
+    let Some(s) = Scratch::new("concurrent_processes_build_once") else { return };
+    let opts = s.options();
+    let arg = format!(
+        "{}|{}|{}|{}",
+        opts.root.display(),
+        opts.cache.display(),
+        s.wheels.display(),
+        s.python
+    );
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "child_ensure", "--nocapture", "--test-threads=1"])
+                .env("QUIVER_ENVS_CHILD", &arg)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn child")
+        })
+        .collect();
+    let mut results = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text.lines().find_map(|l| l.split_once("QUIVER-CHILD ").map(|(_, r)| r)).expect("child reports").to_string();
+        results.push(line);
+    }
+    let built = results.iter().filter(|r| r.starts_with("built")).count();
+    assert_eq!(built, 1, "one of three processes builds: {results:?}");
+    let keys: Vec<&str> = results.iter().map(|r| r.split(' ').nth(1).unwrap()).collect();
+    assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    assert_eq!(s.envs(), [keys[0].to_string()]);
+}
