@@ -55,12 +55,30 @@ static __always_inline __u32 bit_length(__u64 v)
 {
 	__u32 n = 0;
 
-	if (v >> 32) { v >>= 32; n += 32; }
-	if (v >> 16) { v >>= 16; n += 16; }
-	if (v >> 8) { v >>= 8; n += 8; }
-	if (v >> 4) { v >>= 4; n += 4; }
-	if (v >> 2) { v >>= 2; n += 2; }
-	if (v >> 1) { v >>= 1; n += 1; }
+	if (v >> 32) {
+		v >>= 32;
+		n += 32;
+	}
+	if (v >> 16) {
+		v >>= 16;
+		n += 16;
+	}
+	if (v >> 8) {
+		v >>= 8;
+		n += 8;
+	}
+	if (v >> 4) {
+		v >>= 4;
+		n += 4;
+	}
+	if (v >> 2) {
+		v >>= 2;
+		n += 2;
+	}
+	if (v >> 1) {
+		v >>= 1;
+		n += 1;
+	}
 	return n + (__u32)v;
 }
 
@@ -91,7 +109,10 @@ int qv_page_fault(void *ctx)
 	return 0;
 }
 
-/* Entry of a memcpy/memmove/mempcpy implementation: the size is the third argument. */
+/*
+ * Entry of a memcpy/memmove/mempcpy implementation (attached per process by the loader): the
+ * size is the third argument, in %rdx.
+ */
 SEC("uprobe")
 int qv_memcpy(struct pt_regs *ctx)
 {
