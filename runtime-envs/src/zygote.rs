@@ -248,12 +248,18 @@ impl ZygotePool {
         if net_raw >= 0 {
             cmd.args(["--netns-fd", "4"]);
         }
-        // SAFETY: only async-signal-safe calls between fork and exec: dup2 places the control
+        // SAFETY: only async-signal-safe calls between fork and exec: fcntl and dup2 place the control
         // socket on fd 3 and the network namespace on fd 4 (dup2 clears close-on-exec),
         // setpgid gives the zygote its own group, PR_SET_PDEATHSIG ties it to the agent.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(ctl_raw, 3) < 0 || (net_raw >= 0 && libc::dup2(net_raw, 4) < 0) || libc::setpgid(0, 0) < 0 {
+                // Either fd may sit on 3 or 4 already: move both out of the way first.
+                let ctl = libc::fcntl(ctl_raw, libc::F_DUPFD, 10);
+                let net = if net_raw >= 0 { libc::fcntl(net_raw, libc::F_DUPFD, 10) } else { -1 };
+                if ctl < 0 || (net_raw >= 0 && net < 0) {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::dup2(ctl, 3) < 0 || (net >= 0 && libc::dup2(net, 4) < 0) || libc::setpgid(0, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

@@ -32,6 +32,13 @@ pub(crate) fn build_root(spec: &Spec) -> Result<()> {
     mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=4m"))
         .map_err(sys(format!("tmpfs on {}", root.display())))?;
 
+    // The private /tmp first: a bind below /tmp (a project in a temporary folder) then lands
+    // inside it.
+    let tmp = root.join("tmp");
+    fs::create_dir_all(&tmp).map_err(io("creating /tmp".into()))?;
+    let opts = format!("mode=1777,size={}", spec.tmp_bytes.max(1 << 20));
+    mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+        .map_err(sys("tmpfs on /tmp".into()))?;
     for b in &spec.binds {
         let dst = inside(root, b.target());
         let meta = fs::symlink_metadata(&b.src).map_err(io(format!("bind source {}", b.src.display())))?;
@@ -53,12 +60,6 @@ pub(crate) fn build_root(spec: &Spec) -> Result<()> {
         }
         bind(&b.src, &dst, !b.writable, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     }
-
-    let tmp = root.join("tmp");
-    fs::create_dir_all(&tmp).map_err(io("creating /tmp".into()))?;
-    let opts = format!("mode=1777,size={}", spec.tmp_bytes.max(1 << 20));
-    mount(Some("tmpfs"), &tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
-        .map_err(sys("tmpfs on /tmp".into()))?;
 
     let dev = root.join("dev");
     fs::create_dir_all(&dev).map_err(io("creating /dev".into()))?;

@@ -111,7 +111,7 @@ impl Spec {
             check_path(&b.src, "bind source")?;
             let t = b.target();
             check_path(t, "bind target")?;
-            if t == Path::new("/") || ["/proc", "/dev", "/tmp"].iter().any(|s| t.starts_with(s)) {
+            if t == Path::new("/") || t == Path::new("/tmp") || ["/proc", "/dev"].iter().any(|s| t.starts_with(s)) {
                 return bad(format!("bind target {} would cover a folder the sandbox provides", t.display()));
             }
         }
