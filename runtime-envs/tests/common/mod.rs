@@ -23,7 +23,7 @@ pub fn prerequisites(test: &str) -> Option<(PathBuf, String)> {
         None
     };
     let Some(uv) = uv::find_uv() else { return missing("uv is not installed") };
-    let interpreters = python::discover(None);
+    let interpreters = python::discover(None, None);
     let Some(first) = interpreters.first() else { return missing("no CPython 3 interpreter found") };
     let minor = first.version.split('.').take(2).collect::<Vec<_>>().join(".");
     Some((uv, minor))
