@@ -5,12 +5,14 @@
 //! `cargo run --release -p quiver-bench -- pipeline [--trips 10000000] [--json]`
 //! `cargo run --release -p quiver-bench -- envs [--wheels DIR] [--json]`
 //! `cargo run --release -p quiver-bench -- telemetry [--repeat 5] [--json]` (as root)
+//! `cargo run --release -p quiver-bench -- startup [--n 200] [--json]` (as root)
 
 mod envs;
 mod handoff;
 mod pipeline;
 mod proc;
 mod scan;
+mod startup;
 mod table;
 mod telemetry;
 
@@ -38,6 +40,8 @@ enum Bench {
     /// What the eBPF telemetry costs: memcpy- and fault-heavy children with it off, watching
     /// them, and watching another cgroup.
     Telemetry(telemetry::Args),
+    /// Function start with the full sandbox: cold, cold with pandas, forked from a warm zygote.
+    Startup(startup::Args),
     /// The workload process of `telemetry` (started by it, not by hand).
     #[command(hide = true)]
     TelemetryChild(telemetry::ChildArgs),
@@ -51,6 +55,7 @@ fn main() -> Result<()> {
         Bench::Handoff(a) => handoff::run(a),
         Bench::Pipeline(a) => pipeline::run(a),
         Bench::Envs(a) => envs::run(a),
+        Bench::Startup(a) => startup::run(a),
         Bench::HandoffChild(a) => handoff::child(a),
         Bench::Telemetry(a) => telemetry::run(a),
         Bench::TelemetryChild(a) => telemetry::child(a),
