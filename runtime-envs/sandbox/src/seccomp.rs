@@ -114,3 +114,15 @@ pub(crate) fn apply(network: bool) -> Result<()> {
     seccompiler::apply_filter(&clone3).map_err(err)?;
     seccompiler::apply_filter(&eperm).map_err(err)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_filters_compile_for_both_network_settings() {
+        for network in [false, true] {
+            let p = super::eperm_program(network).expect("filter");
+            assert!(p.len() > super::DENIED.len(), "every denied call has its instructions");
+        }
+        assert!(!super::clone3_program().expect("clone3").is_empty());
+    }
+}

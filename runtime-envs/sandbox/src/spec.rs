@@ -128,3 +128,38 @@ fn check_path(p: &Path, what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "root": "/run/quiver/sandbox", "binds": [{"src": "/usr"}], "tmp_bytes": 1048576, "uid": 65534, "gid": 65534
+        }))
+        .expect("spec")
+    }
+
+    #[test]
+    fn a_plain_spec_is_valid() {
+        spec().validate().expect("valid");
+    }
+
+    #[test]
+    fn what_would_undo_the_sandbox_is_refused() {
+        let mut s = spec();
+        s.uid = 0;
+        assert!(s.validate().is_err(), "uid 0");
+        for bad in ["usr", "/usr/../etc", "/", "/proc/1", "/dev", "/tmp"] {
+            let mut s = spec();
+            s.binds = vec![Bind::ro(bad)];
+            assert!(s.validate().is_err(), "bind {bad}");
+        }
+        let mut s = spec();
+        s.binds = vec![Bind::ro("/tmp/project")];
+        s.validate().expect("a folder below /tmp is bound inside the private /tmp");
+        let mut s = spec();
+        s.hostname = String::new();
+        assert!(s.validate().is_err(), "empty hostname");
+    }
+}
