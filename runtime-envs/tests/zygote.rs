@@ -309,3 +309,39 @@ fn a_killed_zygote_is_replaced() {
     assert!(o.forked.cold, "the replacement is a cold start");
     assert!(o.table.is_some(), "{} / {}", o.reply, o.log);
 }
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn children_of(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+}
+
+#[test]
+fn two_hundred_calls_leave_no_zombie_fd_or_segment_behind() {
+    if !ready() {
+        return;
+    }
+    let f = fixture();
+    let src = "import pyarrow.compute as pc\ndef inc(data):\n    return data.append_column('y', pc.add(data['x'], 1))\n";
+    assert!(f.call(src, "inc", NO_LIMITS, Duration::from_secs(120)).table.is_some());
+    let zygote = f.pool.live()[0].1;
+    let (fds0, ours0) = (fd_count(zygote), fd_count(std::process::id()));
+    let segments0 = quiver_shm::live_chunks();
+    for i in 0..200 {
+        let o = f.call(src, "inc", NO_LIMITS, Duration::from_secs(60));
+        assert!(o.table.is_some(), "call {i}: {} / {}", o.reply, o.log);
+        assert!(!o.forked.cold, "call {i} was forked from the warm zygote");
+    }
+    // Children exit right after answering; the zygote reaps them as they go.
+    let t0 = Instant::now();
+    while !children_of(zygote).is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(children_of(zygote), Vec::<String>::new(), "no child (zombie or alive) left");
+    assert_eq!(f.pool.live()[0].1, zygote, "the same zygote served every call");
+    assert_eq!(fd_count(zygote), fds0, "the zygote's fds are back to their count");
+    assert_eq!(fd_count(std::process::id()), ours0, "the caller's fds are back to their count");
+    assert_eq!(quiver_shm::live_chunks(), segments0, "no segment of ours is left");
+}

@@ -24,6 +24,7 @@ import gc
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -54,6 +55,8 @@ def _child(ctl: socket.socket, req: dict, fds: list, netns_fd: int, sb) -> None:
     """The forked child: never returns."""
     code = 121
     try:
+        # The zygote's reaper must not take this process's own child's status.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         ctl.close()
         conn, log = fds[req["conn"]], fds[req["log"]]
         os.dup2(log, 1)
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
     # they share with the zygote untouched (no copy-on-write for the imported modules).
     gc.collect()
     gc.freeze()
+    # Children are reaped as they exit, so no zombie waits for the next request.
+    signal.signal(signal.SIGCHLD, lambda *_: _reap())
     ctl.send(json.dumps({"ready": True, "pid": os.getpid(), "import_ms": import_ms}).encode())
     while True:
         _reap()
