@@ -53,6 +53,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/runs/{id}", get(run_status))
         .route("/v1/runs/{id}/cancel", post(cancel))
         .route("/v1/runs/{id}/events", get(events))
+        .route("/v1/runs/{id}/logs/{node}", get(node_log))
         .route("/v1/tables", get(list_tables))
         .route("/v1/tables/{name}", get(describe_table).delete(drop_table))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md".into()) })
@@ -89,6 +90,7 @@ async fn submit(
     }
     let run = agent.add_run(valid);
     tracing::info!(run = %run.id, nodes = run.plan.nodes.len(), "run submitted");
+    agent.python.prestart(&run.plan);
     tokio::spawn(crate::executor::execute(agent.clone(), run.clone()));
     Ok((StatusCode::CREATED, Json(json!({ "id": run.id, "status": RunStatus::Running }))).into_response())
 }
@@ -111,6 +113,18 @@ fn find_run(agent: &Agent, id: &str) -> Result<Arc<crate::state::Run>, ApiError>
 
 async fn run_status(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     Ok(Json(find_run(&agent, &id)?.snapshot()).into_response())
+}
+
+/// A node's stdout and stderr (Python functions), as text.
+async fn node_log(State(agent): State<Arc<Agent>>, Path((id, node)): Path<(String, String)>) -> Result<Response, ApiError> {
+    let run = find_run(&agent, &id)?;
+    if !run.plan.nodes.iter().any(|n| n.name == node) {
+        return Err(bad(&agent, StatusCode::NOT_FOUND, format!("run {id} has no node {node:?}")));
+    }
+    // The node name was checked against the plan, whose names are validated identifiers: the
+    // path cannot leave the logs folder.
+    let text = std::fs::read_to_string(agent.python.log_path(&run.id, &node)).unwrap_or_default();
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
 async fn cancel(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Response, ApiError> {

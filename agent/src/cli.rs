@@ -131,6 +131,29 @@ fn human(b: u64) -> String {
 }
 
 /// `quiver status [RUN]`.
+/// `quiver logs RUN [NODE]`: a node's stdout and stderr, or every node's that wrote any.
+pub async fn logs(socket: &Path, run: &str, node: Option<String>) -> Result<()> {
+    let nodes: Vec<String> = match node {
+        Some(n) => vec![n],
+        None => {
+            let st = client::call(socket, Method::GET, &format!("/v1/runs/{run}"), None).await?;
+            st["nodes"].as_array().into_iter().flatten().filter_map(|n| n["name"].as_str().map(str::to_owned)).collect()
+        }
+    };
+    let many = nodes.len() > 1;
+    for n in nodes {
+        let text = client::text(socket, &format!("/v1/runs/{run}/logs/{n}")).await?;
+        if many && text.is_empty() {
+            continue;
+        }
+        if many {
+            println!("== {n} ==");
+        }
+        print!("{text}");
+    }
+    Ok(())
+}
+
 pub async fn status(socket: &Path, run: Option<String>) -> Result<()> {
     match run {
         Some(id) => print_summary(&client::call(socket, Method::GET, &format!("/v1/runs/{id}"), None).await?),

@@ -52,9 +52,23 @@ async fn send(sock: &Path, method: Method, path: &str, body: Option<Vec<u8>>) ->
     Ok(tx.send_request(req).await?)
 }
 
+/// A GET whose answer is text (a node's log).
+pub async fn text(sock: &Path, path: &str) -> Result<String, ClientError> {
+    let bytes = checked(send(sock, Method::GET, path, None).await?).await?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// A request whose answer is one JSON document.
 pub async fn call(sock: &Path, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<serde_json::Value, ClientError> {
-    let resp = send(sock, method, path, body).await?;
+    let bytes = checked(send(sock, method, path, body).await?).await?;
+    if bytes.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// The body of a successful answer, or the agent's error message.
+async fn checked(resp: hyper::Response<hyper::body::Incoming>) -> Result<Bytes, ClientError> {
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
@@ -64,10 +78,7 @@ pub async fn call(sock: &Path, method: Method, path: &str, body: Option<Vec<u8>>
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
         return Err(ClientError::Refused { status, message });
     }
-    if bytes.is_empty() {
-        return Ok(serde_json::Value::Null);
-    }
-    Ok(serde_json::from_slice(&bytes)?)
+    Ok(bytes)
 }
 
 /// Follows a run's event stream, calling `f` for each event until the stream ends.

@@ -29,6 +29,67 @@ pub struct Config {
     pub default_timeout_s: f64,
     /// Finished runs kept for status queries.
     pub keep_runs: usize,
+    /// Python functions: environments, zygotes and their sandbox.
+    pub python: PythonConfig,
+}
+
+/// The `[python]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PythonConfig {
+    /// Where environments are built.
+    pub envs: PathBuf,
+    /// uv's package cache (same file system as `envs`, so installs are hard links).
+    pub uv_cache: PathBuf,
+    /// The uv binary (found on PATH when absent).
+    pub uv: Option<PathBuf>,
+    /// Offline mode: install only wheels from this folder.
+    pub wheels: Option<PathBuf>,
+    /// Package index instead of uv's default.
+    pub index_url: Option<String>,
+    /// The folder holding the `quiver` Python package (the harness); beside the binary's
+    /// `python/` or the source tree's `runtime-envs/python` when absent.
+    pub harness: Option<PathBuf>,
+    /// `libquiver_preload.so` (beside the binary when absent).
+    pub preload: Option<PathBuf>,
+    /// `libquiver_sandbox.so` (beside the binary when absent).
+    pub sandbox_lib: Option<PathBuf>,
+    /// Zygotes kept at most (least recently used ones are stopped).
+    pub zygotes: usize,
+    /// The unprivileged uid and gid functions run as.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// Default memory limit of a function, bytes.
+    pub memory: u64,
+    /// Most processes and threads of a function.
+    pub pids: u64,
+    /// Size of a function's private /tmp, bytes.
+    pub tmp_bytes: u64,
+    /// Where each node's stdout and stderr are kept.
+    pub logs: PathBuf,
+}
+
+impl Default for PythonConfig {
+    fn default() -> Self {
+        PythonConfig {
+            envs: PathBuf::from("/var/lib/quiver/envs"),
+            uv_cache: PathBuf::from("/var/cache/quiver/uv"),
+            uv: None,
+            wheels: None,
+            index_url: None,
+            harness: None,
+            preload: None,
+            sandbox_lib: None,
+            zygotes: 4,
+            uid: 65534,
+            gid: 65534,
+            memory: 4 << 30,
+            pids: 256,
+            tmp_bytes: 256 << 20,
+            logs: PathBuf::from("/var/lib/quiver/logs"),
+        }
+    }
 }
 
 impl Default for Config {
@@ -42,6 +103,7 @@ impl Default for Config {
             max_body: 8 << 20,
             default_timeout_s: 3600.0,
             keep_runs: 1000,
+            python: PythonConfig::default(),
         }
     }
 }

@@ -71,17 +71,17 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
                 let launch_ns = ready_ns.max(timing.slot_ns);
                 let queued_ms = launch_ns.saturating_sub(ready_ns) as f64 / 1e6;
                 let overhead_ms = timing.started_ns.saturating_sub(launch_ns) as f64 / 1e6;
-                let (rows, referenced, copied) = match out {
+                let (rows, referenced, copied, moved) = match out {
                     NodeOutput::Table(t, b) => {
                         let rows = t.rows;
                         outputs[i] = Some(Arc::new(t));
-                        (rows, b.referenced, b.copied)
+                        (rows, b.referenced, b.copied, b.moved)
                     }
                     NodeOutput::Staged(rows, files) => {
                         if let Task::Materialize { table, mode } = &nodes[i].task {
                             staged.push(Staged { table: table.clone(), mode: *mode, files });
                         }
-                        (rows, 0, 0)
+                        (rows, 0, 0, 0)
                     }
                 };
                 Metrics::add(&agent.metrics.bytes_referenced, referenced);
@@ -93,8 +93,11 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
                     ns.rows = rows;
                     ns.bytes_referenced = referenced;
                     ns.bytes_copied = copied;
+                    ns.bytes_moved = moved;
                     ns.overhead_ms = Some(overhead_ms);
                     ns.queued_ms = Some(queued_ms);
+                    ns.start = timing.start;
+                    ns.memory_peak_bytes = timing.memory_peak;
                 });
                 run.emit("node_succeeded", Some(&name), Some(format!("{rows} rows")), None);
                 // Release parents whose last consumer this was, unless pinned.
@@ -232,6 +235,9 @@ async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>
         edges: run.plan.edges,
     };
     let timeout = Duration::from_secs_f64(node.resources.timeout_s.unwrap_or(agent.config.default_timeout_s));
-    let r = run_worker(&agent.pool, req, inputs, timeout, run.cancel.subscribe()).await;
+    let r = match &node.task {
+        Task::Python(_) => agent.python.run(&run.id, node, req, inputs, timeout, run.cancel.subscribe()).await,
+        _ => run_worker(&agent.pool, req, inputs, timeout, run.cancel.subscribe()).await,
+    };
     (i, run.ms() - started, r.map(|(out, t)| (out, Timing { slot_ns, ..t })))
 }

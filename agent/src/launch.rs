@@ -55,6 +55,11 @@ pub struct Timing {
     pub started_ns: u64,
     /// Its answer (and output) received.
     pub done_ns: u64,
+    /// How a Python function started: `zygote` (forked from a warm one) or `cold` (its zygote
+    /// had to be started first).
+    pub start: Option<&'static str>,
+    /// Peak memory of the function's cgroup, when the kernel reports one.
+    pub memory_peak: Option<u64>,
 }
 
 /// A started worker waiting for its request on `sock`.
@@ -204,12 +209,7 @@ pub async fn run_worker(
     let Started { child, sock: ours } = w;
     let pid = child.id() as i32;
     let refill = (pool.target > 0).then(|| pool.clone());
-    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs, refill));
-    let outcome = tokio::select! {
-        r = talk => r.map_err(|e| sys("worker thread", &e)).and_then(|r| r),
-        _ = tokio::time::sleep(timeout) => Err(NodeError::Timeout(timeout.as_secs_f64())),
-        _ = cancel.wait_for(|c| *c) => Err(NodeError::Cancelled),
-    };
+    let outcome = talk(ours, req, inputs, refill, timeout, &mut cancel).await;
     let err = match outcome {
         Ok(out) => {
             // The output is admitted (sealed, checked): the node is done. The worker's exit
@@ -245,6 +245,24 @@ pub async fn run_worker(
     }
 }
 
+/// The conversation with a started function process on `ours`, within `timeout` and until
+/// `cancel`.
+pub async fn talk(
+    ours: OwnedFd,
+    req: Request,
+    inputs: Vec<std::sync::Arc<StoredTable>>,
+    refill: Option<Arc<Pool>>,
+    timeout: Duration,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(NodeOutput, Timing), NodeError> {
+    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs, refill));
+    tokio::select! {
+        r = talk => r.map_err(|e| NodeError::System(format!("worker thread: {e}"))).and_then(|r| r),
+        _ = tokio::time::sleep(timeout) => Err(NodeError::Timeout(timeout.as_secs_f64())),
+        _ = cancel.wait_for(|c| *c) => Err(NodeError::Cancelled),
+    }
+}
+
 /// The blocking conversation with the worker.
 fn converse(
     sock: OwnedFd,
@@ -269,13 +287,14 @@ fn converse(
         Reply::Failed { user: true, message } => Err(NodeError::User(message)),
         Reply::Failed { user: false, message } => Err(NodeError::System(message)),
         Reply::Staged { rows, files } => Ok(NodeOutput::Staged(rows, files)),
+        Reply::Passed => Ok(NodeOutput::Staged(0, Vec::new())),
         Reply::Table { rows, bytes } => {
             let (desc, fds) = recv(sock.as_fd(), &RecvLimits::default()).map_err(lost)?;
             let table = admit(desc, fds, rows).map_err(|e| NodeError::System(format!("worker sent a bad table: {e}")))?;
             Ok(NodeOutput::Table(table, bytes))
         }
     }?;
-    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns() }))
+    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns(), start: None, memory_peak: None }))
 }
 
 /// Checks a table from an untrusted worker without reading its data: the descriptor parses

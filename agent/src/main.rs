@@ -87,6 +87,16 @@ enum Cmd {
         #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
         socket: PathBuf,
     },
+    /// A node's stdout and stderr (Python functions), or every node's of a run.
+    Logs {
+        /// The run id.
+        run: String,
+        /// One node.
+        node: Option<String>,
+        /// The agent's socket.
+        #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
+        socket: PathBuf,
+    },
     /// Show runs, or one run's nodes.
     Status {
         /// A run id.
@@ -165,6 +175,7 @@ fn main() -> Result<()> {
         }
         Cmd::Query { sql, format, warehouse, socket } => query::run(&sql, &warehouse, &socket, format),
         Cmd::Status { run, socket } => runtime()?.block_on(cli::status(&socket, run)),
+        Cmd::Logs { run, node, socket } => runtime()?.block_on(cli::logs(&socket, &run, node)),
         Cmd::Tables { socket } => runtime()?.block_on(cli::tables(&socket)),
         Cmd::Env(c) => env_cmd::run(c),
         Cmd::GenTaxi { out, size } => {

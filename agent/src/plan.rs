@@ -37,6 +37,8 @@ pub enum NodeKind {
     Sql,
     /// Write the parent's table into the warehouse.
     Materialize,
+    /// Call a Python function (see [`PythonTask`]).
+    Python,
 }
 
 /// How tables travel between nodes.
@@ -106,6 +108,9 @@ pub struct NodeSpec {
     /// materialize: replace (default) or append.
     #[serde(default)]
     pub mode: Option<MaterializeMode>,
+    /// python: the function to call.
+    #[serde(default)]
+    pub python: Option<PythonSpec>,
     /// Limits of the function process.
     #[serde(default)]
     pub resources: Resources,
@@ -138,6 +143,81 @@ pub enum Task {
         /// Replace or append.
         mode: MaterializeMode,
     },
+    /// Call a Python function in its environment (a zygote's child, or a cold start).
+    Python(PythonTask),
+}
+
+/// A Python model as the function process receives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PythonTask {
+    /// The `.py` file that defines the function (absolute path).
+    pub module: String,
+    /// The function's name in that file.
+    pub function: String,
+    /// The environment it runs in.
+    pub env: EnvSpec,
+    /// The function's table arguments, one per parent.
+    pub params: Vec<PythonParam>,
+    /// An expectation: returns a bool and produces no table; `False` fails the run.
+    #[serde(default)]
+    pub expectation: bool,
+    /// The only way to lift the network denial.
+    #[serde(default)]
+    pub internet_access: bool,
+}
+
+/// A Python node as submitted (`"python": {...}` in a plan).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonSpec {
+    /// The `.py` file that defines the function (absolute path).
+    pub module: String,
+    /// The function's name.
+    pub function: String,
+    /// Its environment.
+    pub env: EnvSpec,
+    /// One per parent: which argument receives it, with projection and filter.
+    #[serde(default)]
+    pub params: Vec<ParamSpec>,
+    /// An expectation (returns a bool, no table).
+    #[serde(default)]
+    pub expectation: bool,
+    /// May reach the network.
+    #[serde(default)]
+    pub internet_access: bool,
+}
+
+/// A Python argument as submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// The parameter name.
+    pub arg: String,
+    /// The parent it receives.
+    pub parent: String,
+    /// Columns to keep.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// A filter in the scan filter language.
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+pub use quiver_envs::EnvSpec;
+
+/// One argument of a Python function: `arg=quiver.Model(parent, columns=..., filter=...)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PythonParam {
+    /// The function's parameter name.
+    pub arg: String,
+    /// The parent node whose table it receives.
+    pub parent: String,
+    /// Columns to keep (all when absent).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Rows to keep, parsed (the scan filter language).
+    #[serde(default)]
+    pub filter: Option<Filter>,
 }
 
 /// A node that passed validation.
@@ -297,6 +377,9 @@ fn task(n: &NodeSpec) -> Result<Task, PlanError> {
             Ok(())
         }
     };
+    if n.kind != NodeKind::Python && n.python.is_some() {
+        return Err(node_err(&n.name, "field `python` is only valid for a python node"));
+    }
     match n.kind {
         NodeKind::Scan => {
             not_for("sql", n.sql.is_some())?;
@@ -335,6 +418,7 @@ fn task(n: &NodeSpec) -> Result<Task, PlanError> {
             }
             Ok(Task::Sql { sql })
         }
+        NodeKind::Python => python_task(n),
         NodeKind::Materialize => {
             not_for("path", n.path.is_some())?;
             not_for("columns", n.columns.is_some())?;
@@ -350,6 +434,56 @@ fn task(n: &NodeSpec) -> Result<Task, PlanError> {
             Ok(Task::Materialize { table, mode: n.mode.unwrap_or_default() })
         }
     }
+}
+
+fn python_task(n: &NodeSpec) -> Result<Task, PlanError> {
+    for (field, present) in [("path", n.path.is_some()), ("columns", n.columns.is_some()), ("filter", n.filter.is_some()), ("sql", n.sql.is_some()), ("table", n.table.is_some()), ("mode", n.mode.is_some())] {
+        if present {
+            return Err(node_err(&n.name, format!("field `{field}` is not valid for a python node (put columns and filter on its params)")));
+        }
+    }
+    let p = n.python.as_ref().ok_or_else(|| node_err(&n.name, "a python node needs `python`"))?;
+    if !p.module.starts_with('/') || !p.module.ends_with(".py") || p.module.contains('\0') {
+        return Err(node_err(&n.name, format!("module {:?} must be an absolute path to a .py file", p.module)));
+    }
+    if !is_identifier(&p.function) {
+        return Err(node_err(&n.name, format!("function {:?} is not a Python identifier", p.function)));
+    }
+    p.env.validate().map_err(|e| node_err(&n.name, format!("env: {e}")))?;
+    let mut params = Vec::new();
+    let mut args = HashSet::new();
+    for q in &p.params {
+        if !is_identifier(&q.arg) || !args.insert(&q.arg) {
+            return Err(node_err(&n.name, format!("parameter {:?} is not an identifier or is named twice", q.arg)));
+        }
+        if !n.parents.contains(&q.parent) {
+            return Err(node_err(&n.name, format!("parameter {} reads {:?}, which is not among the node's parents", q.arg, q.parent)));
+        }
+        if q.columns.as_ref().is_some_and(|c| c.is_empty()) {
+            return Err(node_err(&n.name, format!("parameter {}: `columns` is empty", q.arg)));
+        }
+        let filter = match &q.filter {
+            Some(f) => Some(parse_filter(f).map_err(|e| node_err(&n.name, format!("parameter {} filter: {e}", q.arg)))?),
+            None => None,
+        };
+        params.push(PythonParam { arg: q.arg.clone(), parent: q.parent.clone(), columns: q.columns.clone(), filter });
+    }
+    if let Some(unused) = n.parents.iter().find(|par| !p.params.iter().any(|q| &q.parent == *par)) {
+        return Err(node_err(&n.name, format!("parent {unused:?} is passed to no parameter")));
+    }
+    Ok(Task::Python(PythonTask {
+        module: p.module.clone(),
+        function: p.function.clone(),
+        env: p.env.clone(),
+        params,
+        expectation: p.expectation,
+        internet_access: p.internet_access,
+    }))
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_') && s.len() <= 128
 }
 
 fn check_resources(n: &NodeSpec) -> Result<(), PlanError> {

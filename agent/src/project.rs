@@ -75,12 +75,38 @@ pub fn plan(dir: &Path) -> anyhow::Result<serde_json::Value> {
             models.insert(name, std::fs::read_to_string(&p)?);
         }
     }
-    anyhow::ensure!(!models.is_empty(), "{} has no .sql models", dir.display());
+    let python = python_models(&dir)?;
+    anyhow::ensure!(!models.is_empty() || !python.is_empty(), "{} has no .sql or Python models", dir.display());
     for m in cfg.models.keys() {
         anyhow::ensure!(models.contains_key(m), "quiver.toml configures model {m:?}, but there is no {m}.sql");
     }
     let mut nodes = Vec::new();
     let mut used_sources = BTreeMap::new();
+    // Sources a Python model reads, with the columns it asks for (None: all of them).
+    let mut python_reads: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+    for m in &python {
+        anyhow::ensure!(!models.contains_key(&m.name), "model {:?} is defined both in SQL and in Python", m.name);
+        let parents: Vec<String> = m.params.iter().map(|p| p.parent.clone()).collect();
+        for p in &m.params {
+            if let Some(s) = cfg.sources.get(&p.parent) {
+                used_sources.insert(p.parent.clone(), s.clone());
+                let e = python_reads.entry(p.parent.clone()).or_insert_with(|| Some(Vec::new()));
+                match (&p.columns, e.as_mut()) {
+                    (Some(c), Some(all)) => {
+                        let new: Vec<String> = c.iter().filter(|x| !all.contains(x)).cloned().collect();
+                        all.extend(new);
+                    }
+                    _ => *e = None,
+                }
+            }
+        }
+        let python = json!({"module": m.module, "function": m.function, "env": m.env, "params": m.params,
+                            "expectation": m.expectation, "internet_access": m.internet_access});
+        nodes.push(json!({"name": m.name, "kind": "python", "parents": parents, "python": python, "resources": m.resources}));
+        if m.materialize {
+            nodes.push(json!({"name": format!("{}__materialize", m.name), "kind": "materialize", "parents": [m.name], "table": m.name}));
+        }
+    }
     for (name, sql) in &models {
         let parents: Vec<String> = referenced(sql)
             .into_iter()
@@ -105,7 +131,16 @@ pub fn plan(dir: &Path) -> anyhow::Result<serde_json::Value> {
         let readers: Vec<&str> = models.iter().filter(|(m, sql)| *m != &name && referenced(sql).contains(&name)).map(|(_, sql)| sql.as_str()).collect();
         let columns = s.columns.or_else(|| {
             let all = parquet_columns(&path)?;
-            used_columns(&all, &readers).filter(|c| !c.is_empty() && c.len() < all.len())
+            let mut cols = if readers.is_empty() { Vec::new() } else { used_columns(&all, &readers)? };
+            match python_reads.get(&name) {
+                None => {}
+                Some(None) => return None,
+                Some(Some(py)) => {
+                    let new: Vec<String> = py.iter().filter(|c| !cols.contains(c)).cloned().collect();
+                    cols.extend(new);
+                }
+            }
+            Some(cols).filter(|c| !c.is_empty() && c.len() < all.len())
         });
         if let Some(c) = columns {
             n["columns"] = json!(c);
@@ -117,6 +152,52 @@ pub fn plan(dir: &Path) -> anyhow::Result<serde_json::Value> {
     }
     let name = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned);
     Ok(json!({"name": name, "nodes": nodes}))
+}
+
+/// A Python model as `python -m quiver.discover` describes it.
+#[derive(Debug, Clone, Deserialize)]
+struct PythonModel {
+    name: String,
+    module: String,
+    function: String,
+    env: serde_json::Value,
+    params: Vec<Param>,
+    #[serde(default)]
+    materialize: bool,
+    #[serde(default)]
+    expectation: bool,
+    #[serde(default)]
+    internet_access: bool,
+    #[serde(default)]
+    resources: serde_json::Value,
+}
+
+/// One argument of a Python model.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+struct Param {
+    arg: String,
+    parent: String,
+    #[serde(default)]
+    columns: Option<Vec<String>>,
+    #[serde(default)]
+    filter: Option<String>,
+}
+
+/// The project's Python models, found by importing its `.py` files with the SDK's discovery
+/// (`python3 -m quiver.discover`, the user's own interpreter: the decorators need nothing else).
+fn python_models(dir: &Path) -> anyhow::Result<Vec<PythonModel>> {
+    let has_py = std::fs::read_dir(dir)?.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "py"));
+    if !has_py {
+        return Ok(Vec::new());
+    }
+    let out = std::process::Command::new(std::env::var_os("QUIVER_PYTHON").unwrap_or_else(|| "python3".into()))
+        .args(["-m", "quiver.discover"])
+        .arg(dir)
+        .env("PYTHONPATH", crate::python::default_harness())
+        .output()
+        .map_err(|e| anyhow::anyhow!("running python3 -m quiver.discover: {e}"))?;
+    anyhow::ensure!(out.status.success(), "discovering the Python models of {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr).trim());
+    serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("quiver.discover printed something unexpected: {e}"))
 }
 
 /// Names that follow FROM or JOIN in `sql`, outside strings and comments.

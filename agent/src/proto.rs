@@ -60,6 +60,9 @@ pub struct Bytes {
     pub referenced: u64,
     /// Copied into the output segments.
     pub copied: u64,
+    /// Moved into a segment by the quiver-kzero module (whole pages, no copy).
+    #[serde(default)]
+    pub moved: u64,
 }
 
 /// What the worker answers.
@@ -79,6 +82,8 @@ pub enum Reply {
         /// Files written and synced, ready to publish.
         files: Vec<PathBuf>,
     },
+    /// Success of an expectation that returned `True` (no table follows).
+    Passed,
     /// The function failed.
     Failed {
         /// The user's mistake (bad SQL, a missing column), not the system's.

@@ -99,6 +99,7 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener, shutdown: impl std
 pub async fn stop_everything(agent: &Agent) {
     let _ = agent.stopping.send(true);
     agent.pool.drain();
+    agent.python.shutdown();
     for r in agent.runs() {
         let _ = r.cancel.send(true);
     }

@@ -37,6 +37,7 @@ pub fn run(plan: &serde_json::Value, out: &Path) -> Result<serde_json::Value> {
             // A leaf is computed in full, as quiver computes every node.
             Task::Sql { sql } if n.children.is_empty() => format!("CREATE TEMP TABLE {name} AS {sql}"),
             Task::Sql { sql } => format!("CREATE {what} {name} AS {sql}"),
+            Task::Python(_) => bail!("{}: --duckdb-only runs SQL models only", n.name),
             Task::Materialize { table, .. } => {
                 let parent = quote(&plan.nodes[n.parents[0]].name);
                 let file = out.join(format!("{table}.parquet"));

@@ -82,6 +82,14 @@ pub struct NodeState {
     pub bytes_referenced: u64,
     /// Output bytes copied.
     pub bytes_copied: u64,
+    /// Output bytes whose pages the quiver-kzero module moved (0 without the module).
+    pub bytes_moved: u64,
+    /// Python: `zygote` (forked from a warm zygote) or `cold` (the zygote was started for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<&'static str>,
+    /// Peak memory of the function's cgroup, bytes (Python functions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
     /// Failure, if any.
     pub error: Option<String>,
     /// Whose failure.
@@ -163,6 +171,7 @@ impl Run {
                     Task::Scan { .. } => NodeKind::Scan,
                     Task::Sql { .. } => NodeKind::Sql,
                     Task::Materialize { .. } => NodeKind::Materialize,
+                    Task::Python(_) => NodeKind::Python,
                 },
                 state: NodeStatus::Pending,
                 started_ms: None,
@@ -172,6 +181,9 @@ impl Run {
                 rows: 0,
                 bytes_referenced: 0,
                 bytes_copied: 0,
+                bytes_moved: 0,
+                start: None,
+                memory_peak_bytes: None,
                 error: None,
                 error_kind: None,
             })
@@ -277,6 +289,8 @@ pub struct Agent {
     pub metrics: Metrics,
     /// Set when the agent is stopping.
     pub stopping: watch::Sender<bool>,
+    /// Python functions: environments, zygotes, sandbox.
+    pub python: Arc<crate::python::PythonRuntime>,
 }
 
 impl Agent {
@@ -286,6 +300,7 @@ impl Agent {
         Arc::new(Agent {
             slots: crate::slots::Slots::new(config.max_parallel),
             pool: crate::launch::Pool::new(config.idle_workers),
+            python: crate::python::PythonRuntime::new(&config.python),
             config,
             runs: Mutex::new(BTreeMap::new()),
             next_run: AtomicU64::new(1),

@@ -89,7 +89,7 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
             }
             let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
             let t = w.finish()?;
-            let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied + ipc_copied };
+            let bytes = Bytes { referenced: t.stats.bytes_referenced, copied: t.stats.bytes_copied + ipc_copied, moved: t.stats.bytes_moved };
             send_json(sock, &Reply::Table { rows, bytes })?;
             send_table(sock, &t)?;
             stop_if_asked(&req.node);
@@ -118,6 +118,7 @@ fn run(req: &Request, inputs: &[(String, SipcRead)]) -> Result<Output, WorkError
             let (_, input) = inputs.first().ok_or_else(|| WorkError::System("materialize without input".into()))?;
             materialize::run(table, input, staging)
         }
+        Task::Python(_) => Err(WorkError::System("a Python task reached a native worker".into())),
     }
 }
 

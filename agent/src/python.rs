@@ -1,0 +1,276 @@
+//! Python nodes: the environment comes from the store (built once), the call is forked from the
+//! environment's zygote into a fresh cgroup and the sandbox, and then the agent talks to it as
+//! to any worker. The cgroup bounds memory, processes and CPU, and is how a timeout or a
+//! cancellation kills the function with everything it forked.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quiver_envs::{Env, EnvSpec, ForkRequest, Store, StoreOptions, ZygoteOptions, ZygotePool};
+use quiver_sandbox::cgroup::{Cgroup, CgroupLimits, CgroupRoot};
+use quiver_sandbox::{Bind, Limits, Spec};
+use crate::tables::StoredTable;
+use tokio::sync::watch;
+
+use crate::config::PythonConfig;
+use crate::launch::{NodeError, NodeOutput, Timing, talk};
+use crate::plan::{Node, Task, ValidPlan};
+use crate::proto::Request;
+
+/// Where sandboxes are built (an empty folder; each function mounts over it in its own mount
+/// namespace).
+const SANDBOX_ROOT: &str = "/run/quiver/sandbox";
+
+/// Host paths every function sees read-only: the system's libraries and tools.
+const SYSTEM_BINDS: [&str; 5] = ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache"];
+
+/// Everything Python nodes need, made once per agent.
+pub struct PythonRuntime {
+    cfg: PythonConfig,
+    store: Result<Store, String>,
+    pool: ZygotePool,
+    harness: PathBuf,
+    preload: PathBuf,
+    cgroups: Mutex<Option<Result<CgroupRoot, String>>>,
+    calls: AtomicU64,
+}
+
+impl std::fmt::Debug for PythonRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PythonRuntime").field("harness", &self.harness).field("preload", &self.preload).finish_non_exhaustive()
+    }
+}
+
+fn beside_exe(name: &str) -> PathBuf {
+    std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join(name))).unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The harness package folder: installed beside the binary, else the source tree's.
+pub fn default_harness() -> PathBuf {
+    let installed = beside_exe("python");
+    if installed.join("quiver").is_dir() {
+        return installed;
+    }
+    let source = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime-envs/python"));
+    source.canonicalize().unwrap_or(source)
+}
+
+impl PythonRuntime {
+    /// Prepares the store and the zygote pool; what needs privileges (the empty network
+    /// namespace, cgroups) is tried here and reported per call when it failed.
+    pub fn new(cfg: &PythonConfig) -> Arc<PythonRuntime> {
+        let store = Store::open(StoreOptions {
+            root: cfg.envs.clone(),
+            cache: cfg.uv_cache.clone(),
+            uv: cfg.uv.clone(),
+            wheels: cfg.wheels.clone(),
+            index_url: cfg.index_url.clone(),
+            ..StoreOptions::default()
+        })
+        .map_err(|e| e.to_string());
+        let netns = match quiver_sandbox::netns::empty() {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no empty network namespace: Python functions cannot run");
+                None
+            }
+        };
+        let harness = cfg.harness.clone().unwrap_or_else(default_harness);
+        let preload = cfg.preload.clone().unwrap_or_else(|| beside_exe("libquiver_preload.so"));
+        let opts = ZygoteOptions {
+            harness_dir: harness.clone(),
+            preload: preload.clone(),
+            sandbox_lib: cfg.sandbox_lib.clone().unwrap_or_else(|| beside_exe("libquiver_sandbox.so")),
+            max: cfg.zygotes.max(1),
+            start_timeout: Duration::from_secs(120),
+        };
+        Arc::new(PythonRuntime {
+            cfg: cfg.clone(),
+            store,
+            pool: ZygotePool::new(opts, netns),
+            harness,
+            preload,
+            cgroups: Mutex::new(None),
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Builds the environments of `plan`'s Python nodes and starts their zygotes, in the
+    /// background: the first call then finds them warm.
+    pub fn prestart(self: &Arc<Self>, plan: &ValidPlan) {
+        let mut specs: Vec<EnvSpec> = Vec::new();
+        for n in &plan.nodes {
+            if let Task::Python(t) = &n.task
+                && !specs.contains(&t.env)
+            {
+                specs.push(t.env.clone());
+            }
+        }
+        for spec in specs {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = me.env(&spec).map_err(|e| e.to_string()).and_then(|env| me.pool.prestart(&env).map_err(|e| e.to_string()));
+                if let Err(e) = r {
+                    tracing::warn!(python = %spec.python, error = %e, "could not prepare an environment ahead");
+                }
+            });
+        }
+    }
+
+    /// Stops every zygote (the agent is stopping).
+    pub fn shutdown(&self) {
+        self.pool.shutdown();
+    }
+
+    /// The log of a node of a run.
+    pub fn log_path(&self, run: &str, node: &str) -> PathBuf {
+        self.cfg.logs.join(run).join(format!("{node}.log"))
+    }
+
+    fn env(&self, spec: &EnvSpec) -> Result<Env, NodeError> {
+        let store = self.store.as_ref().map_err(|e| NodeError::System(format!("environment store: {e}")))?;
+        // A spec that does not resolve or install is the user's to fix: uv's reason says why.
+        store.ensure(spec, &|_| {}).map_err(|e| NodeError::User(format!("environment: {e}")))
+    }
+
+    fn cgroup(&self, id: &str, limits: &CgroupLimits) -> Result<Cgroup, NodeError> {
+        let mut root = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
+        let root = root.get_or_insert_with(|| {
+            let r = CgroupRoot::discover("quiver").map_err(|e| e.to_string());
+            if let Ok(c) = &r {
+                let missing = c.missing();
+                if !missing.is_empty() {
+                    tracing::warn!(?missing, "cgroup controllers missing: those function limits are not enforced");
+                }
+            }
+            r
+        });
+        let root = root.as_ref().map_err(|e| NodeError::System(format!("cgroups (Python functions need the agent to run as root): {e}")))?;
+        root.create(id, limits).map_err(|e| NodeError::System(format!("creating the function's cgroup: {e}")))
+    }
+
+    fn sandbox(&self, env: &Env, module: &Path, network: bool) -> Spec {
+        let mut binds: Vec<Bind> = SYSTEM_BINDS.iter().filter(|p| Path::new(p).exists()).map(|p| Bind::ro(*p)).collect();
+        binds.push(Bind::ro(&env.path));
+        binds.push(Bind::ro(&env.base_prefix));
+        binds.push(Bind::ro(&self.harness));
+        binds.push(Bind::ro(&self.preload));
+        if let Some(dir) = module.parent() {
+            binds.push(Bind::ro(dir));
+        }
+        // Later binds under earlier ones (a project inside /usr, say) must come after them;
+        // sorting by depth keeps parents first.
+        // The sandbox refuses `..` and relative paths; configured ones may have either.
+        for b in &mut binds {
+            if let Ok(c) = b.src.canonicalize() {
+                b.src = c;
+            }
+        }
+        binds.sort_by_key(|b| b.src.components().count());
+        binds.dedup_by(|a, b| a.src == b.src);
+        Spec {
+            root: PathBuf::from(SANDBOX_ROOT),
+            binds,
+            tmp_bytes: self.cfg.tmp_bytes,
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+            hostname: "quiver".into(),
+            limits: Limits { processes: self.cfg.pids, ..Limits::default() },
+            keep_fds: Vec::new(),
+            network,
+            workdir: PathBuf::from("/tmp"),
+        }
+    }
+
+    /// Runs one Python node.
+    pub async fn run(
+        self: &Arc<Self>,
+        run_id: &str,
+        node: &Node,
+        req: Request,
+        inputs: Vec<Arc<StoredTable>>,
+        timeout: Duration,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<(NodeOutput, Timing), NodeError> {
+        let Task::Python(task) = &node.task else {
+            return Err(NodeError::System("not a Python node".into()));
+        };
+        let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
+        let me = self.clone();
+        let spec = task.env.clone();
+        let env = tokio::task::spawn_blocking(move || me.env(&spec)).await.map_err(|e| sys("environment thread", &e))??;
+        let memory = node.resources.memory.unwrap_or(self.cfg.memory);
+        let limits = CgroupLimits { memory: Some(memory), pids: Some(self.cfg.pids), cpus: node.resources.cpus };
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut cg = self.cgroup(&format!("{run_id}-{n}"), &limits)?;
+        let log_path = self.log_path(run_id, &node.name);
+        let log = open_log(&log_path).map_err(|e| sys("opening the node's log", &e))?;
+        let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
+        let sandbox = serde_json::to_value(self.sandbox(&env, Path::new(&task.module), task.internet_access)).map_err(|e| sys("sandbox spec", &e))?;
+        fs::create_dir_all(SANDBOX_ROOT).map_err(|e| sys("creating the sandbox mount point", &e))?;
+        let procs = cg.procs_files().map_err(|e| sys("cgroup", &e))?;
+        let me = self.clone();
+        let network = task.internet_access;
+        let forked = tokio::task::spawn_blocking(move || {
+            let r = ForkRequest {
+                conn: theirs.as_fd(),
+                log: log.as_fd(),
+                cgroup_procs: procs.iter().map(|f| f.as_fd()).collect(),
+                network,
+                sandbox,
+            };
+            me.pool.fork(&env, &r)
+        })
+        .await
+        .map_err(|e| sys("zygote thread", &e))?
+        .map_err(|e| NodeError::System(e.to_string()))?;
+        let outcome = talk(ours, req, inputs, None, timeout, &mut cancel).await;
+        let oom = cg.oom_kills() > 0;
+        let peak = cg.memory_peak();
+        let outcome = match outcome {
+            Ok((out, t)) => Ok((out, Timing { start: Some(if forked.cold { "cold" } else { "zygote" }), memory_peak: peak, ..t })),
+            Err(e) => {
+                // A timeout or cancellation kills the function and all it forked.
+                cg.kill(Duration::from_secs(5));
+                let oom = oom || cg.oom_kills() > 0;
+                Err(match e {
+                    _ if oom => NodeError::User(format!("the function went over its memory limit of {memory} bytes and was killed")),
+                    NodeError::System(m) => NodeError::System(with_log_tail(&m, &log_path)),
+                    e => e,
+                })
+            }
+        };
+        // The function exits by itself once it has answered; give it a moment before the
+        // cgroup's removal kills whatever is left.
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..500 {
+                if cg.pids().is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(4));
+            }
+            cg.remove();
+        });
+        outcome
+    }
+}
+
+fn open_log(path: &Path) -> std::io::Result<File> {
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d)?;
+    }
+    OpenOptions::new().create(true).write(true).truncate(true).mode(0o640).open(path)
+}
+
+/// A system error with the last lines of the node's log: a function that died before it could
+/// answer (the sandbox refused something, the interpreter crashed) left its reason there.
+fn with_log_tail(msg: &str, log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+    if tail.is_empty() { msg.to_owned() } else { format!("{msg}; its log ends: {}", tail.join(" | ")) }
+}
