@@ -11,7 +11,11 @@ fn malformed_requests_get_a_4xx_and_the_agent_stays_up() {
     let cases: &[(&str, &str, &str, u16, &str)] = &[
         ("POST", "/v1/runs", "{not json", 400, "invalid plan JSON"),
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"scan","path":"/x","bogus":1}]}"#, 400, "unknown field `bogus`"),
-        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"python"}]}"#, 400, "unknown variant `python`"),
+        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"rust"}]}"#, 400, "unknown variant `rust`"),
+        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"python"}]}"#, 422, "needs `python`"),
+        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"python","python":{"module":"m.py","function":"f","env":{"python":"3.11"}}}]}"#, 422, "absolute path"),
+        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"python","python":{"module":"/m.py","function":"f; x","env":{"python":"3.11"}}}]}"#, 422, "not a Python identifier"),
+        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"python","python":{"module":"/m.py","function":"f","env":{"python":"3.11","pip":{"-e x":""}}}}]}"#, 422, "env"),
         ("POST", "/v1/runs", r#"{"nodes":[]}"#, 422, "no nodes"),
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"sql","sql":"x","parents":["b"]},{"name":"b","kind":"sql","sql":"x","parents":["a"]}]}"#, 422, "cycle"),
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"sql","sql":"x","parents":["zz"]}]}"#, 422, "not in the plan"),

@@ -27,6 +27,13 @@ fn venv() -> PathBuf {
     PathBuf::from(std::env::var("QUIVER_TEST_VENV").unwrap_or_else(|_| "/var/tmp/quiver-py".into()))
 }
 
+/// The tests of this file run one at a time: they count the process's fds and segments.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Root and the test venv, or a skip (a failure under CI).
 fn ready() -> bool {
     let mut why = Vec::new();
@@ -205,6 +212,7 @@ const NO_LIMITS: CgroupLimits = CgroupLimits { memory: Some(1 << 30), pids: Some
 
 #[test]
 fn a_forked_function_reads_and_writes_without_copies() {
+    let _serial = serial();
     if !ready() {
         return;
     }
@@ -226,6 +234,7 @@ fn a_forked_function_reads_and_writes_without_copies() {
 
 #[test]
 fn the_sandbox_refuses_what_a_function_must_not_do() {
+    let _serial = serial();
     if !ready() {
         return;
     }
@@ -275,6 +284,7 @@ def probes(data):
 
 #[test]
 fn limits_kill_fork_bombs_hogs_and_endless_loops() {
+    let _serial = serial();
     if !ready() {
         return;
     }
@@ -295,6 +305,7 @@ fn limits_kill_fork_bombs_hogs_and_endless_loops() {
 
 #[test]
 fn a_killed_zygote_is_replaced() {
+    let _serial = serial();
     if !ready() {
         return;
     }
@@ -320,6 +331,7 @@ fn children_of(pid: u32) -> Vec<String> {
 
 #[test]
 fn two_hundred_calls_leave_no_zombie_fd_or_segment_behind() {
+    let _serial = serial();
     if !ready() {
         return;
     }
