@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use quiver_envs::{Env, EnvSpec, ForkRequest, Store, StoreOptions, ZygoteOptions, ZygotePool};
 use quiver_sandbox::cgroup::{Cgroup, CgroupLimits, CgroupRoot};
-use quiver_sandbox::{Bind, Limits, Spec};
+use quiver_sandbox::{Limits, Spec};
 use crate::tables::StoredTable;
 use tokio::sync::watch;
 
@@ -25,9 +25,6 @@ use crate::proto::Request;
 /// Where sandboxes are built (an empty folder; each function mounts over it in its own mount
 /// namespace).
 const SANDBOX_ROOT: &str = "/run/quiver/sandbox";
-
-/// Host paths every function sees read-only: the system's libraries and tools.
-const SYSTEM_BINDS: [&str; 5] = ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache"];
 
 /// Everything Python nodes need, made once per agent.
 pub struct PythonRuntime {
@@ -155,24 +152,9 @@ impl PythonRuntime {
     }
 
     fn sandbox(&self, env: &Env, module: &Path, network: bool) -> Spec {
-        let mut binds: Vec<Bind> = SYSTEM_BINDS.iter().filter(|p| Path::new(p).exists()).map(|p| Bind::ro(*p)).collect();
-        binds.push(Bind::ro(&env.path));
-        binds.push(Bind::ro(&env.base_prefix));
-        binds.push(Bind::ro(&self.harness));
-        binds.push(Bind::ro(&self.preload));
-        if let Some(dir) = module.parent() {
-            binds.push(Bind::ro(dir));
-        }
-        // Later binds under earlier ones (a project inside /usr, say) must come after them;
-        // sorting by depth keeps parents first.
-        // The sandbox refuses `..` and relative paths; configured ones may have either.
-        for b in &mut binds {
-            if let Ok(c) = b.src.canonicalize() {
-                b.src = c;
-            }
-        }
-        binds.sort_by_key(|b| b.src.components().count());
-        binds.dedup_by(|a, b| a.src == b.src);
+        // The model's folder, unless it is the root itself (never bound whole).
+        let folder: Vec<&Path> = module.parent().filter(|p| *p != Path::new("/")).into_iter().collect();
+        let binds = quiver_envs::binds(env, &self.harness, &self.preload, &folder);
         Spec {
             root: PathBuf::from(SANDBOX_ROOT),
             binds,

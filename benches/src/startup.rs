@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use arrow_array::{Array, Int64Array};
 use quiver_envs::{Env, EnvSpec, ForkRequest, ZygoteOptions, ZygotePool};
 use quiver_sandbox::cgroup::{CgroupLimits, CgroupRoot};
-use quiver_sandbox::{Bind, Limits, Spec};
+use quiver_sandbox::{Limits, Spec};
 use quiver_shm::sipc::{ReadOptions, read_table};
 use quiver_shm::transport::{RecvLimits, recv, send, socketpair};
 use serde_json::json;
@@ -74,11 +74,7 @@ struct Bench {
 
 impl Bench {
     fn spec(&self, env: &Env) -> Spec {
-        let mut binds: Vec<Bind> = ["/usr", "/lib", "/lib64", "/bin"].iter().filter(|p| Path::new(p).exists()).map(|p| Bind::ro(*p)).collect();
-        for p in [&env.path, &env.base_prefix, &self.harness, &self.preload, &self.dir.path().to_owned()] {
-            binds.push(Bind::ro(p));
-        }
-        binds.sort_by_key(|b| b.src.components().count());
+        let binds = quiver_envs::binds(env, &self.harness, &self.preload, &[self.dir.path()]);
         Spec { root: "/run/quiver/sandbox".into(), binds, tmp_bytes: 64 << 20, uid: 65534, gid: 65534, hostname: "quiver".into(), limits: Limits::default(), keep_fds: vec![], network: false, workdir: "/tmp".into() }
     }
 

@@ -9,4 +9,4 @@ pub mod store;
 pub mod zygote;
 
 pub use store::{Env, EnvSpec, GcPolicy, Progress, Store, StoreError, StoreOptions};
-pub use zygote::{ForkRequest, Forked, ZygoteError, ZygoteOptions, ZygotePool};
+pub use zygote::{ForkRequest, Forked, ZygoteError, ZygoteOptions, ZygotePool, binds};

@@ -20,6 +20,24 @@ use serde::Deserialize;
 
 use crate::store::Env;
 
+/// Host paths every call sees read-only besides its environment: the system's libraries.
+const SYSTEM_BINDS: [&str; 5] = ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache"];
+
+/// The read-only binds a call from `env` needs: the system's libraries, the venv and its
+/// interpreter, the harness package, the preload library, and `extra` (the model's folder).
+/// Canonical paths, parents before children.
+pub fn binds(env: &Env, harness: &std::path::Path, preload: &std::path::Path, extra: &[&std::path::Path]) -> Vec<quiver_sandbox::Bind> {
+    let mut out: Vec<quiver_sandbox::Bind> = SYSTEM_BINDS.iter().filter(|p| std::path::Path::new(p).exists()).map(|p| quiver_sandbox::Bind::ro(*p)).collect();
+    for p in [env.path.as_path(), env.base_prefix.as_path(), harness, preload].into_iter().chain(extra.iter().copied()) {
+        // The sandbox refuses `..` and relative paths; configured ones may have either.
+        out.push(quiver_sandbox::Bind::ro(p.canonicalize().unwrap_or_else(|_| p.to_owned())));
+    }
+    // A bind below another (a project inside /usr) must come after it.
+    out.sort_by_key(|b| b.src.components().count());
+    out.dedup_by(|a, b| a.src == b.src);
+    out
+}
+
 /// Why a call could not be forked.
 #[derive(Debug, thiserror::Error)]
 pub enum ZygoteError {

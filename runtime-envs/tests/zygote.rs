@@ -14,7 +14,7 @@ use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, String
 use arrow_schema::{DataType, Field, Schema};
 use quiver_envs::{Env, EnvSpec, ForkRequest, ZygoteOptions, ZygotePool};
 use quiver_sandbox::cgroup::{CgroupLimits, CgroupRoot};
-use quiver_sandbox::{Bind, Limits, Spec};
+use quiver_sandbox::{Limits, Spec};
 use quiver_shm::sipc::{ReadOptions, SipcRead, TableWriter, read_table};
 use quiver_shm::transport::{RecvLimits, recv, send, send_table, socketpair};
 use serde_json::{Value, json};
@@ -131,11 +131,7 @@ struct Outcome {
 
 impl Fixture {
     fn spec(&self, network: bool) -> Spec {
-        let mut binds: Vec<Bind> = ["/usr", "/lib", "/lib64", "/bin"].iter().filter(|p| Path::new(p).exists()).map(|p| Bind::ro(*p)).collect();
-        for p in [&self.env.path, &self.env.base_prefix, &repo().join("runtime-envs/python"), &self.preload, &self.dir.path().to_owned()] {
-            binds.push(Bind::ro(p));
-        }
-        binds.sort_by_key(|b| b.src.components().count());
+        let binds = quiver_envs::binds(&self.env, &repo().join("runtime-envs/python"), &self.preload, &[self.dir.path()]);
         Spec {
             root: "/run/quiver/sandbox".into(),
             binds,
