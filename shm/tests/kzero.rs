@@ -1,7 +1,8 @@
-//! The kzero way, proven where the module is loaded (tests/vm/run.sh runs this binary in a VM
-//! with `QUIVER_KZERO_REQUIRED=1`): batches built on the ordinary heap cross to a reader with
-//! zero whole pages copied, in the very same physical frames. Without `/dev/quiver-kzero` the
-//! tests skip (the host cannot load modules; CI proves them in the VM).
+//! The kzero way, proven where the module is loaded: batches built on the ordinary heap cross to
+//! a reader with zero whole pages copied, in the very same physical frames. Built only with the
+//! `kzero-vm` feature, which tests/vm/run.sh enables for the static binary it runs in a VM with
+//! the module loaded (this host's kernel cannot load modules); there every test needs the
+//! device and fails without it.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -14,16 +15,11 @@ use quiver_shm::pagemap::frames;
 use quiver_shm::sipc::{KernelMove, ReadOptions, TableWriter, read_table};
 use quiver_shm::{SealedSegment, ShmError};
 
-/// The device, or `None` (with the reason printed) when the test should skip.
-fn device() -> Option<Device> {
-    let required = std::env::var("QUIVER_KZERO_REQUIRED").is_ok_and(|v| v == "1");
+/// The device; the tests run only where the module is loaded, so its absence is a failure.
+fn device() -> Device {
     match Device::open() {
-        Ok(Some(d)) => Some(d),
-        Ok(None) if !required => {
-            eprintln!("skipped: {} is absent (the kzero module is tested in tests/vm/run.sh)", kzero::DEVICE_PATH);
-            None
-        }
-        Ok(None) => panic!("{} is absent but QUIVER_KZERO_REQUIRED=1", kzero::DEVICE_PATH),
+        Ok(Some(d)) => d,
+        Ok(None) => panic!("{} is absent: these tests run in tests/vm/run.sh with the module loaded", kzero::DEVICE_PATH),
         Err(e) => panic!("opening the kzero device: {e}"),
     }
 }
@@ -42,7 +38,7 @@ fn heap_batch(rows: usize) -> RecordBatch {
 
 #[test]
 fn kzero_heap_batch_moves_whole_pages_without_a_copy() {
-    let Some(dev) = device() else { return };
+    let dev = device();
     let before_stats = dev.stats().expect("stats");
     let b = heap_batch(500_000);
     let values = b.column(0).to_data().buffers()[0].clone();
@@ -78,7 +74,7 @@ fn kzero_heap_batch_moves_whole_pages_without_a_copy() {
 
 #[test]
 fn kzero_buffer_used_twice_is_moved_once() {
-    let Some(_dev) = device() else { return };
+    let _dev = device();
     let col: ArrayRef = Arc::new(Int64Array::from_iter_values(0..200_000));
     let schema = Arc::new(Schema::new(vec![
         Field::new("a", DataType::Int64, false),
@@ -97,7 +93,7 @@ fn kzero_buffer_used_twice_is_moved_once() {
 
 #[test]
 fn kzero_file_is_a_segment_only_once_sealed() {
-    let Some(dev) = device() else { return };
+    let dev = device();
     let file = dev.new_file().expect("new file");
     let unsealed = file.try_clone().expect("dup");
     match SealedSegment::from_fd(unsealed) {
@@ -112,7 +108,7 @@ fn kzero_file_is_a_segment_only_once_sealed() {
 
 #[test]
 fn kzero_refusals_have_typed_errors() {
-    let Some(dev) = device() else { return };
+    let dev = device();
     let file = dev.new_file().expect("new file");
     let v = vec![1u8; 3 * page_size()];
     let addr = (v.as_ptr() as usize).next_multiple_of(page_size());
@@ -135,7 +131,7 @@ fn kzero_refusals_have_typed_errors() {
 
 #[test]
 fn kzero_writer_without_the_module_way_copies() {
-    let Some(_dev) = device() else { return };
+    let _dev = device();
     assert!(KernelMove::if_available().is_some());
     let b = heap_batch(100_000);
     let mut w = TableWriter::copying(b.schema());
@@ -149,7 +145,7 @@ fn kzero_writer_without_the_module_way_copies() {
 /// heap-built table takes with the module and with the copy way, for docs/benchmarks.md.
 #[test]
 fn kzero_heap_table_move_versus_copy_timing() {
-    let Some(_dev) = device() else { return };
+    let _dev = device();
     for rows in [100_000usize, 1_000_000, 4_000_000] {
         let b = heap_batch(rows);
         let t0 = std::time::Instant::now();

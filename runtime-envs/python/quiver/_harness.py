@@ -19,14 +19,13 @@ child instead.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import sys
 import time
 import traceback
 
-from . import _native
+from . import _files, _native
 
 READ_ONLY_HINT = (
     "quiver: inputs are read-only (they map the parent's table without a copy); "
@@ -122,13 +121,10 @@ def _load(path: str, function: str):
         sys.path.insert(0, folder)
     stem = os.path.splitext(os.path.basename(path))[0]
     name = f"quiver_user_{abs(hash(path)):x}_{stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"cannot import {path}: not a Python file")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
     try:
-        spec.loader.exec_module(mod)
+        mod = _files.import_file(path, name)
+    except _files.NotPython:
+        raise UserError(f"cannot import {path}: not a Python file") from None
     except FileNotFoundError as e:
         raise UserError(f"cannot import {path}: {e}") from None
     except BaseException as e:  # noqa: BLE001 - user code at import time

@@ -10,7 +10,6 @@ stderr. Nothing here needs pyarrow.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import linecache
@@ -18,7 +17,7 @@ import os
 import sys
 import traceback
 
-from . import Model
+from . import Model, _files
 
 _ATTR = "__quiver__"
 
@@ -39,13 +38,10 @@ def _where(e: BaseException, path: str) -> str:
 
 def _import(path: str, index: int):
     name = f"quiver_discover_{index}_{os.path.splitext(os.path.basename(path))[0]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise DiscoverError(f"{path}: not a Python file")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
     try:
-        spec.loader.exec_module(mod)
+        mod = _files.import_file(path, name)
+    except _files.NotPython as e:
+        raise DiscoverError(str(e)) from None
     except BaseException as e:  # noqa: BLE001 - user code at import time
         msg = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
         raise DiscoverError(f"{_where(e, path)}: {msg}") from None
