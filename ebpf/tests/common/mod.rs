@@ -2,9 +2,11 @@
 //! v2, and children forked into them.
 #![allow(dead_code)]
 
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use quiver_ebpf::Telemetry;
 
@@ -20,7 +22,7 @@ pub fn is_root() -> bool {
 }
 
 /// Skips the test (returns None) with a reason, or fails it under CI.
-pub fn skip(test: &str, reason: &str) -> Option<Telemetry> {
+pub fn skip<T>(test: &str, reason: &str) -> Option<T> {
     if in_ci() {
         panic!("{test}: {reason} (CI=true: failing instead of skipping)");
     }
@@ -28,13 +30,36 @@ pub fn skip(test: &str, reason: &str) -> Option<Telemetry> {
     None
 }
 
+/// A started telemetry that holds the test binary's one-at-a-time lock until dropped.
+///
+/// The tests fork children, and a child forked by one test inherits the link fds of another
+/// test's programs (fork keeps O_CLOEXEC fds): a detach in that other test then leaves the link
+/// alive until the child exits. One test at a time makes every detach take effect at once.
+pub struct Started {
+    // Declared first so it drops, and detaches everything, before the lock is released.
+    telemetry: Telemetry,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Deref for Started {
+    type Target = Telemetry;
+    fn deref(&self) -> &Telemetry {
+        &self.telemetry
+    }
+}
+
 /// A started telemetry, or None when this machine cannot run it (skip) outside CI.
-pub fn telemetry(test: &str) -> Option<Telemetry> {
+pub fn telemetry(test: &str) -> Option<Started> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     if !is_root() {
         return skip(test, "needs root to load BPF programs");
     }
     match Telemetry::start() {
-        Ok(t) => Some(t),
+        Ok(telemetry) => Some(Started {
+            telemetry,
+            _serial: serial,
+        }),
         Err(e) => skip(test, &e.to_string()),
     }
 }
