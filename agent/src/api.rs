@@ -203,6 +203,18 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
     counter("bytes_referenced_total", "Table bytes handed between nodes by reference.", m.bytes_referenced.load(Relaxed));
     counter("bytes_copied_total", "Table bytes copied between nodes.", m.bytes_copied.load(Relaxed));
     counter("bad_requests_total", "Requests refused as malformed.", m.bad_requests.load(Relaxed));
+    counter("page_faults_total", "Page faults of function processes (kernel-measured).", m.page_faults.load(Relaxed));
+    counter("memcpy_bytes_total", "Bytes function processes passed to memcpy/memmove (kernel-measured, copy meter).", m.memcpy_bytes.load(Relaxed));
+    counter("memcpy_calls_total", "memcpy/memmove calls of function processes (kernel-measured, copy meter).", m.memcpy_calls.load(Relaxed));
+    counter("mmaps_total", "mmap calls of function processes (kernel-measured).", m.mmaps.load(Relaxed));
+    counter("mmap_bytes_total", "Bytes asked for by function processes' mmap calls (kernel-measured).", m.mmap_bytes.load(Relaxed));
+    let t = agent.kernel.status();
+    let _ = writeln!(
+        s,
+        "# HELP quiver_telemetry_available Whether kernel-measured figures are collected (1), with the copy meter.\n# TYPE quiver_telemetry_available gauge\nquiver_telemetry_available{{copy_meter=\"{}\"}} {}",
+        t.copy_meter,
+        u8::from(t.available)
+    );
     let running = agent.runs().iter().filter(|r| !r.finished()).count();
     let _ = writeln!(s, "# HELP quiver_runs_running Runs in progress.\n# TYPE quiver_runs_running gauge\nquiver_runs_running {running}");
     let _ = writeln!(

@@ -25,11 +25,11 @@ struct Embedded {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn embedded(warehouse: &Path) -> Result<Embedded> {
+async fn embedded(warehouse: &Path, config: Option<Config>) -> Result<Embedded> {
     let dir = tempfile::Builder::new().prefix("quiver-").tempdir()?;
     let socket = dir.path().join("agent.sock");
     crate::warehouse::recover(warehouse)?;
-    let config = Config { socket: socket.clone(), warehouse: warehouse.to_path_buf(), ..Config::default() };
+    let config = Config { socket: socket.clone(), warehouse: warehouse.to_path_buf(), ..config.unwrap_or_default() };
     let listener = crate::server::bind(&socket, 0o600)?;
     let agent = Agent::new(config);
     agent.pool.fill();
@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub edges: String,
     /// Final status as JSON on stdout, progress on stderr.
     pub json: bool,
+    /// Configuration of an in-process agent.
+    pub config: Option<Config>,
 }
 
 /// Prints progress: to stdout normally, to stderr when stdout carries JSON.
@@ -57,7 +59,7 @@ macro_rules! progress {
 
 /// `quiver run PROJECT`.
 pub async fn run(project: &Path, socket: &Path, opts: RunOptions) -> Result<bool> {
-    let RunOptions { warehouse, edges, json } = opts;
+    let RunOptions { warehouse, edges, json, config } = opts;
     let mut plan = crate::project::plan(project)?;
     plan["edges"] = serde_json::Value::String(edges);
     let mut local = None;
@@ -66,7 +68,7 @@ pub async fn run(project: &Path, socket: &Path, opts: RunOptions) -> Result<bool
         Err(ClientError::Connect { .. }) => {
             let wh = warehouse.unwrap_or_else(|| project.join("warehouse"));
             eprintln!("no agent at {}; running one in this process (warehouse {})", socket.display(), wh.display());
-            let e = embedded(&wh).await?;
+            let e = embedded(&wh, config).await?;
             let s = e.socket.clone();
             local = Some(e);
             s
@@ -102,10 +104,15 @@ pub async fn run(project: &Path, socket: &Path, opts: RunOptions) -> Result<bool
 
 fn print_summary(st: &serde_json::Value) {
     println!();
-    println!("{:<28} {:<10} {:>10} {:>10} {:>9} {:>12} {:>12}", "node", "state", "rows", "ms", "launch ms", "referenced", "copied");
+    println!(
+        "{:<28} {:<10} {:>10} {:>10} {:>9} {:>12} {:>12} {:>12} {:>12} {:>7}",
+        "node", "state", "rows", "ms", "launch ms", "referenced", "copied", "faults", "memcpy'd", "mmaps"
+    );
     for n in st["nodes"].as_array().into_iter().flatten() {
+        let k = &n["kernel"];
+        let count = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |x| x.to_string());
         println!(
-            "{:<28} {:<10} {:>10} {:>10.1} {:>9.2} {:>12} {:>12}",
+            "{:<28} {:<10} {:>10} {:>10.1} {:>9.2} {:>12} {:>12} {:>12} {:>12} {:>7}",
             n["name"].as_str().unwrap_or(""),
             n["state"].as_str().unwrap_or(""),
             n["rows"].as_u64().unwrap_or(0),
@@ -113,10 +120,19 @@ fn print_summary(st: &serde_json::Value) {
             n["overhead_ms"].as_f64().unwrap_or(0.0),
             human(n["bytes_referenced"].as_u64().unwrap_or(0)),
             human(n["bytes_copied"].as_u64().unwrap_or(0)),
+            count(&k["page_faults"]),
+            k["memcpy_bytes"].as_u64().map_or("-".to_owned(), human),
+            count(&k["mmaps"]),
         );
         if let Some(e) = n["error"].as_str() {
             println!("    {} error: {e}", n["error_kind"].as_str().unwrap_or(""));
         }
+    }
+    let t = &st["telemetry"];
+    if t["available"] == false {
+        println!("kernel figures (faults, memcpy'd, mmaps): {}", t["reason"].as_str().unwrap_or("unavailable"));
+    } else if t["copy_meter"] == false {
+        println!("memcpy'd: the copy meter is off ([telemetry] copy_meter = false)");
     }
     println!("run {} {} in {:.1} ms", st["id"].as_str().unwrap_or(""), st["status"].as_str().unwrap_or(""), st["wall_ms"].as_f64().unwrap_or(0.0));
 }

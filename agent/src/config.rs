@@ -31,6 +31,27 @@ pub struct Config {
     pub keep_runs: usize,
     /// Python functions: environments, zygotes and their sandbox.
     pub python: PythonConfig,
+    /// Kernel-measured figures per function (eBPF) and network denial.
+    pub telemetry: TelemetryConfig,
+}
+
+/// The `[telemetry]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Load the BPF programs: page faults, mmaps and network denial per function (needs root;
+    /// without it the agent runs and says telemetry is unavailable).
+    pub enabled: bool,
+    /// Also meter glibc copies in function processes (`memcpy_bytes`): a trap per copy call,
+    /// a few microseconds each, which multiplies the time of code making many small copies
+    /// (off by default; for benchmarks and investigations).
+    pub copy_meter: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { enabled: true, copy_meter: false }
+    }
 }
 
 /// The `[python]` table.
@@ -104,6 +125,7 @@ impl Default for Config {
             default_timeout_s: 3600.0,
             keep_runs: 1000,
             python: PythonConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

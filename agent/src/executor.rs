@@ -13,6 +13,7 @@ use crate::plan::Task;
 use crate::proto::Request;
 use crate::state::{Agent, ErrorKind, Metrics, NodeStatus, Run, RunStatus};
 use crate::tables::TableRef;
+use crate::telemetry::PendingFigures;
 use crate::warehouse::{self, Staged};
 
 /// Runs `run` to completion.
@@ -27,6 +28,8 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
     // When each node's output reached the agent (monotonic_ns), for its children's overhead.
     let mut done_ns: Vec<u64> = vec![0; n];
     let mut failed = false;
+    // Kernel figures of succeeded nodes, read once their processes have exited.
+    let mut figures: Vec<(usize, PendingFigures)> = Vec::new();
     let mut stopping = agent.stopping.subscribe();
     loop {
         if !failed {
@@ -99,6 +102,9 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
                     ns.start = timing.start;
                     ns.memory_peak_bytes = timing.memory_peak;
                 });
+                if let Some(f) = timing.kernel {
+                    figures.push((i, f));
+                }
                 run.emit("node_succeeded", Some(&name), Some(format!("{rows} rows")), None);
                 // Release parents whose last consumer this was, unless pinned.
                 for &p in &nodes[i].parents {
@@ -136,6 +142,19 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
                     let _ = run.cancel.send(true);
                 }
             }
+        }
+    }
+    // The run ends once its figures are in: a worker's exit after its answer takes
+    // milliseconds; one that hangs costs its figures, not the run.
+    for (i, f) in figures {
+        if let Ok(Ok(Some(k))) = tokio::time::timeout(Duration::from_secs(10), f).await {
+            let m = &agent.metrics;
+            Metrics::add(&m.page_faults, k.page_faults);
+            Metrics::add(&m.memcpy_bytes, k.memcpy_bytes.unwrap_or(0));
+            Metrics::add(&m.memcpy_calls, k.memcpy_calls.unwrap_or(0));
+            Metrics::add(&m.mmaps, k.mmaps);
+            Metrics::add(&m.mmap_bytes, k.mmap_bytes);
+            run.update(|s| s.nodes[i].kernel = Some(k));
         }
     }
     finish(&agent, &run, &status, &mut outputs, staged, failed);

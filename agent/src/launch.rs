@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::proto::{Bytes, Hello, Reply, Request, monotonic_ns, recv_json, send_json};
 use crate::tables::StoredTable;
+use crate::telemetry::{KernelTelemetry, PendingFigures, WorkerCgroup};
 
 /// How a node ended, when it did not succeed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -47,7 +48,7 @@ pub enum NodeOutput {
 }
 
 /// When a worker started and when its output was in the agent's hands ([`monotonic_ns`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Timing {
     /// A slot was granted (set by the executor).
     pub slot_ns: u64,
@@ -60,6 +61,8 @@ pub struct Timing {
     pub start: Option<&'static str>,
     /// Peak memory of the function's cgroup, when the kernel reports one.
     pub memory_peak: Option<u64>,
+    /// The kernel's figures, ready once the function process has exited (telemetry on).
+    pub kernel: Option<PendingFigures>,
 }
 
 /// A started worker waiting for its request on `sock`.
@@ -67,22 +70,24 @@ pub struct Timing {
 struct Started {
     child: std::process::Child,
     sock: OwnedFd,
+    /// Its own watched cgroup (telemetry on).
+    cgroup: Option<WorkerCgroup>,
 }
 
-type LaunchReply = std::sync::mpsc::Sender<Result<Started, NodeError>>;
+type LaunchReply = (Arc<KernelTelemetry>, std::sync::mpsc::Sender<Result<Started, NodeError>>);
 
 /// Starts a worker from the launcher thread. Workers must be forked by a thread that lives as
 /// long as the agent: PR_SET_PDEATHSIG fires when the *thread* that forked a child exits, so a
 /// worker forked by a short-lived or pooled thread would be killed when that thread ends.
-fn start_worker() -> Result<Started, NodeError> {
+fn start_worker(kernel: &Arc<KernelTelemetry>) -> Result<Started, NodeError> {
     static LAUNCHER: OnceLock<Option<std::sync::mpsc::Sender<LaunchReply>>> = OnceLock::new();
     let launcher = LAUNCHER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<LaunchReply>();
         std::thread::Builder::new()
             .name("quiver-launcher".into())
             .spawn(move || {
-                for reply in rx {
-                    let _ = reply.send(fork_worker());
+                for (kernel, reply) in rx {
+                    let _ = reply.send(fork_worker(&kernel));
                 }
             })
             .ok()
@@ -90,24 +95,42 @@ fn start_worker() -> Result<Started, NodeError> {
     });
     let gone = || NodeError::System("the worker launcher thread is gone".into());
     let (tx, rx) = std::sync::mpsc::channel();
-    launcher.as_ref().ok_or_else(gone)?.send(tx).map_err(|_| gone())?;
-    rx.recv().map_err(|_| gone())?
+    launcher.as_ref().ok_or_else(gone)?.send((kernel.clone(), tx)).map_err(|_| gone())?;
+    let mut w = rx.recv().map_err(|_| gone())??;
+    // Attaching the copy meter takes milliseconds: here, not on the launcher thread, which
+    // other launches wait for.
+    if let Some(cg) = &mut w.cgroup {
+        cg.meter(kernel, w.child.id());
+    }
+    Ok(w)
 }
 
 /// Forks and execs a `quiver worker` fed over a socketpair on its fd 3, in its own process
-/// group (on the launcher thread).
-fn fork_worker() -> Result<Started, NodeError> {
+/// group and, with telemetry, its own watched cgroup (on the launcher thread).
+fn fork_worker(kernel: &KernelTelemetry) -> Result<Started, NodeError> {
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
+    let cgroup = kernel.worker_cgroup().map_err(NodeError::System)?;
+    let procs = match &cgroup {
+        Some(cg) => Some(std::fs::OpenOptions::new().write(true).open(cg.procs()).map_err(|e| sys("opening the worker's cgroup", &e))?),
+        None => None,
+    };
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
     let exe = std::env::current_exe().map_err(|e| sys("finding the quiver binary", &e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("worker").stdin(Stdio::null());
     let raw = theirs.as_raw_fd();
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2 gives the worker its
-    // socket as fd 3; setpgid(0, 0) puts it in its own process group so a kill reaches any
-    // process it starts; PR_SET_PDEATHSIG kills it if the agent dies.
+    // SAFETY: between fork and exec only async-signal-safe calls: write moves the worker into
+    // its watched cgroup before it runs anything; dup2 gives it its socket as fd 3;
+    // setpgid(0, 0) puts it in its own process group so a kill reaches any process it starts;
+    // PR_SET_PDEATHSIG kills it if the agent dies.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = procs_fd
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::dup2(raw, 3) < 0 || libc::setpgid(0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -116,8 +139,9 @@ fn fork_worker() -> Result<Started, NodeError> {
         })
     };
     let child = cmd.spawn().map_err(|e| sys("starting the worker", &e))?;
+    drop(procs);
     crate::children::register(child.id() as i32);
-    Ok(Started { child, sock: ours })
+    Ok(Started { child, sock: ours, cgroup })
 }
 
 /// Workers started ahead of need, so a ready node launches without a fork and exec.
@@ -125,21 +149,22 @@ fn fork_worker() -> Result<Started, NodeError> {
 pub struct Pool {
     idle: Mutex<Vec<Started>>,
     target: usize,
+    kernel: Arc<KernelTelemetry>,
     /// Set by `drain`: no more workers are started.
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
     /// A pool that keeps `target` workers waiting (filled by [`Pool::fill`]).
-    pub fn new(target: usize) -> Arc<Pool> {
-        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, closed: Default::default() })
+    pub fn new(target: usize, kernel: Arc<KernelTelemetry>) -> Arc<Pool> {
+        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, kernel, closed: Default::default() })
     }
 
     /// Starts workers until `target` wait (blocking: a fork and exec each).
     pub fn fill(&self) {
         let closed = || self.closed.load(std::sync::atomic::Ordering::Acquire);
         while !closed() && self.idle.lock().unwrap_or_else(|e| e.into_inner()).len() < self.target {
-            match start_worker() {
+            match start_worker(&self.kernel) {
                 Ok(w) => {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     if idle.len() < self.target && !closed() {
@@ -204,17 +229,21 @@ pub async fn run_worker(
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
     let w = match pool.take() {
         Some(w) => w,
-        None => tokio::task::spawn_blocking(start_worker).await.map_err(|e| sys("starting the worker", &e))??,
+        None => {
+            let kernel = pool.kernel.clone();
+            tokio::task::spawn_blocking(move || start_worker(&kernel)).await.map_err(|e| sys("starting the worker", &e))??
+        }
     };
-    let Started { child, sock: ours } = w;
+    let Started { child, sock: ours, cgroup } = w;
     let pid = child.id() as i32;
     let refill = (pool.target > 0).then(|| pool.clone());
     let outcome = talk(ours, req, inputs, refill, timeout, &mut cancel).await;
     let err = match outcome {
-        Ok(out) => {
+        Ok((out, timing)) => {
             // The output is admitted (sealed, checked): the node is done. The worker's exit
-            // (unmapping its inputs can take milliseconds) is reaped off the children's path.
-            tokio::task::spawn_blocking(move || {
+            // (unmapping its inputs can take milliseconds) is reaped, and its kernel figures
+            // read, off the children's path.
+            let kernel = tokio::task::spawn_blocking(move || {
                 let mut child = child;
                 match child.wait() {
                     Ok(st) if !st.success() => tracing::warn!(pid, status = %st, "worker exited abnormally after answering"),
@@ -222,8 +251,9 @@ pub async fn run_worker(
                     Ok(_) => {}
                 }
                 crate::children::unregister(pid);
+                cgroup.and_then(WorkerCgroup::take)
             });
-            return Ok(out);
+            return Ok((out, Timing { kernel: Some(kernel), ..timing }));
         }
         Err(e) => e,
     };
@@ -294,7 +324,7 @@ fn converse(
             Ok(NodeOutput::Table(table, bytes))
         }
     }?;
-    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns(), start: None, memory_peak: None }))
+    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns(), start: None, memory_peak: None, kernel: None }))
 }
 
 /// Checks a table from an untrusted worker without reading its data: the descriptor parses

@@ -2,6 +2,7 @@
 //! command line a user or planner runs.
 
 mod api;
+mod cgroups;
 mod children;
 mod cli;
 mod client;
@@ -23,6 +24,7 @@ mod slots;
 mod state;
 mod tables;
 mod taxi;
+mod telemetry;
 mod warehouse;
 mod worker;
 
@@ -72,6 +74,10 @@ enum Cmd {
         /// reference quiver is measured against. Materialized models go to --warehouse.
         #[arg(long, conflicts_with = "edges")]
         duckdb_only: bool,
+        /// Configuration of the in-process agent (as `quiver agent --config`; its socket and
+        /// warehouse are the command's own).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Query the warehouse's tables and the agent's kept tables with SQL (DuckDB).
     Query {
@@ -168,8 +174,9 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Run { project, socket, warehouse, edges, json, .. } => {
-            let opts = cli::RunOptions { warehouse, edges, json };
+        Cmd::Run { project, socket, warehouse, edges, json, config, .. } => {
+            let config = config.map(|c| config::Config::load(&c)).transpose()?;
+            let opts = cli::RunOptions { warehouse, edges, json, config };
             let ok = runtime()?.block_on(cli::run(&project, &socket, opts))?;
             std::process::exit(if ok { 0 } else { 1 })
         }

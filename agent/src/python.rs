@@ -8,11 +8,11 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quiver_envs::{Env, EnvSpec, ForkRequest, Store, StoreOptions, ZygoteOptions, ZygotePool};
-use quiver_sandbox::cgroup::{Cgroup, CgroupLimits, CgroupRoot};
+use quiver_sandbox::cgroup::{Cgroup, CgroupLimits};
 use quiver_sandbox::{Limits, Spec};
 use crate::tables::StoredTable;
 use tokio::sync::watch;
@@ -21,6 +21,7 @@ use crate::config::PythonConfig;
 use crate::launch::{NodeError, NodeOutput, Timing, talk};
 use crate::plan::{Node, Task, ValidPlan};
 use crate::proto::Request;
+use crate::telemetry::KernelTelemetry;
 
 /// Where sandboxes are built (an empty folder; each function mounts over it in its own mount
 /// namespace).
@@ -33,8 +34,8 @@ pub struct PythonRuntime {
     pool: ZygotePool,
     harness: PathBuf,
     preload: PathBuf,
-    cgroups: Mutex<Option<Result<CgroupRoot, String>>>,
     calls: AtomicU64,
+    kernel: Arc<KernelTelemetry>,
 }
 
 impl std::fmt::Debug for PythonRuntime {
@@ -60,7 +61,7 @@ pub fn default_harness() -> PathBuf {
 impl PythonRuntime {
     /// Prepares the store and the zygote pool; what needs privileges (the empty network
     /// namespace, cgroups) is tried here and reported per call when it failed.
-    pub fn new(cfg: &PythonConfig) -> Arc<PythonRuntime> {
+    pub fn new(cfg: &PythonConfig, kernel: Arc<KernelTelemetry>) -> Arc<PythonRuntime> {
         let store = Store::open(StoreOptions {
             root: cfg.envs.clone(),
             cache: cfg.uv_cache.clone(),
@@ -92,8 +93,8 @@ impl PythonRuntime {
             pool: ZygotePool::new(opts, netns),
             harness,
             preload,
-            cgroups: Mutex::new(None),
             calls: AtomicU64::new(0),
+            kernel,
         })
     }
 
@@ -136,18 +137,7 @@ impl PythonRuntime {
     }
 
     fn cgroup(&self, id: &str, limits: &CgroupLimits) -> Result<Cgroup, NodeError> {
-        let mut root = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
-        let root = root.get_or_insert_with(|| {
-            let r = CgroupRoot::discover("quiver").map_err(|e| e.to_string());
-            if let Ok(c) = &r {
-                let missing = c.missing();
-                if !missing.is_empty() {
-                    tracing::warn!(?missing, "cgroup controllers missing: those function limits are not enforced");
-                }
-            }
-            r
-        });
-        let root = root.as_ref().map_err(|e| NodeError::System(format!("cgroups (Python functions need the agent to run as root): {e}")))?;
+        let root = crate::cgroups::root().map_err(|e| NodeError::System(format!("cgroups (Python functions need the agent to run as root): {e}")))?;
         root.create(id, limits).map_err(|e| NodeError::System(format!("creating the function's cgroup: {e}")))
     }
 
@@ -189,7 +179,13 @@ impl PythonRuntime {
         let memory = node.resources.memory.unwrap_or(self.cfg.memory);
         let limits = CgroupLimits { memory: Some(memory), pids: Some(self.cfg.pids), cpus: node.resources.cpus };
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut cg = self.cgroup(&format!("{run_id}-{n}"), &limits)?;
+        let mut cg = self.cgroup(&crate::cgroups::name("py", &format!("{run_id}-{n}")), &limits)?;
+        // Counting (and the network denial, a layer under the sandbox's) starts before the
+        // function enters its cgroup.
+        let watch = match cg.v2_dir() {
+            Some(d) => self.kernel.watch(d, task.internet_access).map_err(NodeError::System)?,
+            None => None,
+        };
         let log_path = self.log_path(run_id, &node.name);
         let log = open_log(&log_path).map_err(|e| sys("opening the node's log", &e))?;
         let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
@@ -211,6 +207,11 @@ impl PythonRuntime {
         .await
         .map_err(|e| sys("zygote thread", &e))?
         .map_err(|e| NodeError::System(e.to_string()))?;
+        // The meter attaches (milliseconds) while the function confines itself, and before it
+        // has its request, so every copy of its work is counted.
+        let kernel = self.kernel.clone();
+        let pid = forked.pid as u32;
+        let meter = tokio::task::spawn_blocking(move || kernel.meter(pid)).await.ok().flatten();
         let outcome = talk(ours, req, inputs, None, timeout, &mut cancel).await;
         let oom = cg.oom_kills() > 0;
         let peak = cg.memory_peak();
@@ -228,17 +229,19 @@ impl PythonRuntime {
             }
         };
         // The function exits by itself once it has answered; give it a moment before the
-        // cgroup's removal kills whatever is left.
-        tokio::task::spawn_blocking(move || {
+        // cgroup's removal kills whatever is left. Its kernel figures are read once it is gone.
+        let figures = tokio::task::spawn_blocking(move || {
             for _ in 0..500 {
                 if cg.pids().is_empty() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(4));
             }
+            let figures = crate::telemetry::finish(watch, meter);
             cg.remove();
+            figures
         });
-        outcome
+        outcome.map(|(out, t)| (out, Timing { kernel: Some(figures), ..t }))
     }
 }
 

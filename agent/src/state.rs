@@ -12,6 +12,7 @@ use tokio::sync::{broadcast, watch};
 use crate::config::Config;
 use crate::plan::{NodeKind, Task, ValidPlan};
 use crate::tables::TableRef;
+use crate::telemetry::{KernelFigures, KernelTelemetry, TelemetryStatus};
 
 /// State of a run.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -90,6 +91,9 @@ pub struct NodeState {
     /// Peak memory of the function's cgroup, bytes (Python functions).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_peak_bytes: Option<u64>,
+    /// What the kernel counted for the function's process (null without telemetry, or for a
+    /// node that did not succeed).
+    pub kernel: Option<KernelFigures>,
     /// Failure, if any.
     pub error: Option<String>,
     /// Whose failure.
@@ -117,6 +121,8 @@ pub struct RunState {
     pub nodes: Vec<NodeState>,
     /// Tables kept after the run (pinned nodes), by name.
     pub tables: Vec<String>,
+    /// Whether the nodes carry kernel-measured figures, and why not.
+    pub telemetry: TelemetryStatus,
 }
 
 /// One event of a run.
@@ -161,7 +167,7 @@ pub struct Run {
 
 impl Run {
     /// A new run of a validated plan.
-    pub fn new(id: String, plan: ValidPlan) -> Arc<Run> {
+    pub fn new(id: String, plan: ValidPlan, telemetry: TelemetryStatus) -> Arc<Run> {
         let nodes = plan
             .nodes
             .iter()
@@ -184,6 +190,7 @@ impl Run {
                 bytes_moved: 0,
                 start: None,
                 memory_peak_bytes: None,
+                kernel: None,
                 error: None,
                 error_kind: None,
             })
@@ -199,6 +206,7 @@ impl Run {
             error: None,
             nodes,
             tables: Vec::new(),
+            telemetry,
         };
         let (events, _) = broadcast::channel(1024);
         let (cancel, _) = watch::channel(false);
@@ -261,6 +269,16 @@ pub struct Metrics {
     pub bytes_referenced: AtomicU64,
     /// Bytes copied.
     pub bytes_copied: AtomicU64,
+    /// Kernel-measured: page faults of function processes.
+    pub page_faults: AtomicU64,
+    /// Kernel-measured: bytes function processes passed to memcpy/memmove.
+    pub memcpy_bytes: AtomicU64,
+    /// Kernel-measured: memcpy/memmove calls of function processes.
+    pub memcpy_calls: AtomicU64,
+    /// Kernel-measured: mmap calls of function processes.
+    pub mmaps: AtomicU64,
+    /// Kernel-measured: bytes those mmap calls asked for.
+    pub mmap_bytes: AtomicU64,
     /// Requests refused as malformed.
     pub bad_requests: AtomicU64,
 }
@@ -291,16 +309,20 @@ pub struct Agent {
     pub stopping: watch::Sender<bool>,
     /// Python functions: environments, zygotes, sandbox.
     pub python: Arc<crate::python::PythonRuntime>,
+    /// Kernel-measured figures per function process.
+    pub kernel: Arc<KernelTelemetry>,
 }
 
 impl Agent {
     /// A fresh agent.
     pub fn new(config: Config) -> Arc<Agent> {
         let (stopping, _) = watch::channel(false);
+        let kernel = Arc::new(KernelTelemetry::start(&config.telemetry));
         Arc::new(Agent {
             slots: crate::slots::Slots::new(config.max_parallel),
-            pool: crate::launch::Pool::new(config.idle_workers),
-            python: crate::python::PythonRuntime::new(&config.python),
+            pool: crate::launch::Pool::new(config.idle_workers, kernel.clone()),
+            python: crate::python::PythonRuntime::new(&config.python, kernel.clone()),
+            kernel,
             config,
             runs: Mutex::new(BTreeMap::new()),
             next_run: AtomicU64::new(1),
@@ -313,7 +335,7 @@ impl Agent {
     /// Registers a run; evicts the oldest finished runs beyond the configured number.
     pub fn add_run(&self, plan: ValidPlan) -> Arc<Run> {
         let n = self.next_run.fetch_add(1, Ordering::Relaxed);
-        let run = Run::new(format!("r{n:06}"), plan);
+        let run = Run::new(format!("r{n:06}"), plan, self.kernel.status().clone());
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         runs.insert(n, run.clone());
         while runs.len() > self.config.keep_runs {

@@ -72,7 +72,7 @@ fn failures_fail_only_their_run_and_leave_nothing_behind() {
     let ok = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]}]});
     assert_eq!(a.run(&ok)["status"], "succeeded");
     assert_eq!(a.settle(), 2, "two workers wait (the default)");
-    let fds0 = a.fds();
+    let fds0 = a.steady_fds();
     // A user error: a column the data does not have.
     let bad = json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["nope"]},
                                 {"name": "m", "kind": "materialize", "parents": ["t"]}]});

@@ -2,6 +2,11 @@
 //! quiver with every edge copied through an Arrow IPC stream, and the same SQL in one DuckDB in
 //! one process (the floor). Each variant runs as its own `quiver` process (built here in
 //! release mode) in a fresh memory cgroup, so peak memory covers the agent and all its workers.
+//!
+//! Telemetry variants: `arena-telemetry-off` (the agent without its BPF programs, for their
+//! overhead), and `arena-metered` / `copy-metered` (the copy meter on, for the kernel-measured
+//! bytes memcpy'd beside our own bytes copied; the meter's traps slow them down, so they run
+//! once and their times are not compared).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -23,7 +28,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Variants to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["arena", "copy", "duckdb-single"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-metered", "copy-metered"])]
     variants: Option<Vec<String>>,
     /// Where the generated trips are kept between runs.
     #[arg(long, default_value = "/var/tmp/quiver-bench")]
@@ -45,6 +50,12 @@ struct Row {
     wall_ms: f64,
     /// Bytes copied between nodes (our own count; null where not measurable).
     bytes_copied: Option<u64>,
+    /// Bytes the nodes' processes passed to memcpy/memmove, kernel-measured (metered variants).
+    memcpy_bytes: Option<u64>,
+    /// Of those, calls of 1 MiB or more (table-sized copies).
+    memcpy_large_calls: Option<u64>,
+    /// Page faults of the nodes' processes, kernel-measured (null without telemetry).
+    page_faults: Option<u64>,
     /// Peak memory of the whole variant (agent, workers), from its cgroup.
     peak_rss_bytes: u64,
     node_overhead_p50_ms: Option<f64>,
@@ -78,7 +89,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     let work = tempfile::Builder::new().prefix("quiver-pipeline-").tempdir()?;
     let project = make_project(work.path(), &trips_dir)?;
-    let variants = args.variants.clone().unwrap_or_else(|| vec!["arena".into(), "copy".into(), "duckdb-single".into()]);
+    let variants = args.variants.clone().unwrap_or_else(|| {
+        ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-metered", "copy-metered"].map(String::from).to_vec()
+    });
     // Warm the page cache so no variant pays the first read of the input.
     for e in std::fs::read_dir(&trips_dir)? {
         let _ = std::fs::read(e?.path());
@@ -86,6 +99,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
     for r in 0..args.repeat {
         for (i, v) in variants.iter().enumerate() {
+            if v.ends_with("-metered") && r > 0 {
+                continue;
+            }
             let s = run_variant(&quiver, &project, v, work.path(), &format!("{v}-{r}"))?;
             if !args.json {
                 eprintln!("  {v} run {}: {:.0} ms, peak {:.2} GiB", r + 1, s.wall_ms, s.peak as f64 / (1u64 << 30) as f64);
@@ -142,6 +158,7 @@ struct Sample {
     peak: u64,
     memory_source: &'static str,
     copied: Option<u64>,
+    kernel: Kernel,
     overheads: Vec<f64>,
     nodes: Vec<(String, f64)>,
 }
@@ -151,10 +168,20 @@ fn run_variant(quiver: &Path, project: &Path, variant: &str, work: &Path, tag: &
     let mut cmd = Command::new(quiver);
     cmd.arg("run").arg(project).arg("--json").arg("--warehouse").arg(&wh);
     match variant {
-        "arena" => cmd.args(["--edges", "arena"]),
-        "copy" => cmd.args(["--edges", "ipc"]),
+        "arena" | "arena-telemetry-off" | "arena-metered" => cmd.args(["--edges", "arena"]),
+        "copy" | "copy-metered" => cmd.args(["--edges", "ipc"]),
         _ => cmd.arg("--duckdb-only"),
     };
+    let telemetry = match variant {
+        "arena-telemetry-off" => Some("enabled = false"),
+        v if v.ends_with("-metered") => Some("copy_meter = true"),
+        _ => None,
+    };
+    if let Some(t) = telemetry {
+        let cfg = work.join(format!("agent-{tag}.toml"));
+        std::fs::write(&cfg, format!("[telemetry]\n{t}\n"))?;
+        cmd.arg("--config").arg(cfg);
+    }
     // Never a running service: each variant starts its own agent inside its cgroup.
     cmd.arg("--socket").arg(work.join("no-agent.sock"));
     cmd.env("QUIVER_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null());
@@ -193,6 +220,7 @@ fn run_variant(quiver: &Path, project: &Path, variant: &str, work: &Path, tag: &
             peak,
             memory_source,
             copied: None,
+            kernel: Kernel::default(),
             overheads: Vec::new(),
             nodes,
         });
@@ -207,9 +235,28 @@ fn run_variant(quiver: &Path, project: &Path, variant: &str, work: &Path, tag: &
         peak,
         memory_source,
         copied: Some(ns.iter().map(|n| n["bytes_copied"].as_u64().unwrap_or(0)).sum()),
+        kernel: Kernel {
+            memcpy_bytes: kernel_sum(ns, "memcpy_bytes"),
+            memcpy_large_calls: kernel_sum(ns, "memcpy_large_calls"),
+            page_faults: kernel_sum(ns, "page_faults"),
+        },
         overheads: ns.iter().filter_map(|n| n["overhead_ms"].as_f64()).collect(),
         nodes,
     })
+}
+
+/// The kernel-measured figures of one run, summed over its nodes.
+#[derive(Clone, Copy, Default)]
+struct Kernel {
+    memcpy_bytes: Option<u64>,
+    memcpy_large_calls: Option<u64>,
+    page_faults: Option<u64>,
+}
+
+/// `kernel.FIELD` summed over the nodes; None when no node has it.
+fn kernel_sum(nodes: &[Value], field: &str) -> Option<u64> {
+    let v: Vec<u64> = nodes.iter().filter_map(|n| n["kernel"][field].as_u64()).collect();
+    (!v.is_empty()).then(|| v.iter().sum())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -241,6 +288,9 @@ fn summarize(variant: &str, trips: u64, s: &[Sample]) -> Row {
         trips,
         wall_ms: median(s.iter().map(|x| x.wall_ms).collect()),
         bytes_copied: s[0].copied,
+        memcpy_bytes: s[0].kernel.memcpy_bytes,
+        memcpy_large_calls: s[0].kernel.memcpy_large_calls,
+        page_faults: s[0].kernel.page_faults,
         peak_rss_bytes: median(s.iter().map(|x| x.peak as f64).collect()) as u64,
         node_overhead_p50_ms: percentile(overheads.clone(), 0.5),
         node_overhead_p99_ms: percentile(overheads, 0.99),
@@ -257,16 +307,23 @@ fn print_tables(rows: &[Row], repeat: usize) {
     println!("machine: {}", machine());
     println!("medians of {repeat} interleaved runs per variant; trips: {}", rows.first().map_or(0, |r| r.trips));
     println!();
-    println!("| variant | DAG wall ms | runs ms | process ms | GB copied | peak GiB | overhead p50 ms | overhead p99 ms |");
-    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    let gb = |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.2}", b as f64 / 1e9));
+    let count = |c: Option<u64>| c.map_or("n/a".into(), |c| c.to_string());
+    println!(
+        "| variant | DAG wall ms | runs ms | process ms | GB copied | GB memcpy'd (kernel-measured) | memcpy >= 1 MiB | page faults | peak GiB | overhead p50 ms | overhead p99 ms |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {:.0} | {} | {:.0} | {} | {:.2} | {} | {} |",
+            "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {:.2} | {} | {} |",
             r.variant,
             r.wall_ms,
             r.wall_ms_all.iter().map(|w| format!("{w:.0}")).collect::<Vec<_>>().join(", "),
             r.process_ms,
-            r.bytes_copied.map_or("n/a".into(), |b| format!("{:.2}", b as f64 / 1e9)),
+            gb(r.bytes_copied),
+            gb(r.memcpy_bytes),
+            count(r.memcpy_large_calls),
+            count(r.page_faults),
             gib(r.peak_rss_bytes),
             opt(r.node_overhead_p50_ms),
             opt(r.node_overhead_p99_ms),
@@ -293,6 +350,17 @@ fn print_tables(rows: &[Row], repeat: usize) {
     }
     if let Some(a) = find("arena") {
         println!("arena node overhead p50: {} ms (goal < 1 ms)", opt(a.node_overhead_p50_ms));
+    }
+    if let (Some(a), Some(off)) = (find("arena"), find("arena-telemetry-off")) {
+        println!("arena telemetry on / off wall: {:.3}x (goal < 3% difference)", a.wall_ms / off.wall_ms);
+    }
+    if let (Some(a), Some(c)) = (find("arena-metered"), find("copy-metered")) {
+        let d = |x: Option<u64>, y: Option<u64>| x.zip(y).map_or("n/a".into(), |(x, y)| format!("{:.2}", (x as f64 - y as f64) / 1e9));
+        println!(
+            "copy - arena: {} GB more memcpy'd (kernel-measured) for {} GB more copied (our books)",
+            d(c.memcpy_bytes, a.memcpy_bytes),
+            d(c.bytes_copied, a.bytes_copied)
+        );
     }
 }
 

@@ -22,9 +22,22 @@ impl TestAgent {
 
     /// An agent with extra flags and environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestAgent {
+        Self::start_as(extra, env, None)
+    }
+
+    /// An agent running as user and group `uid` (the test must be root to ask for one).
+    pub fn start_as(extra: &[&str], env: &[(&str, &str)], uid: Option<u32>) -> TestAgent {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(id) = uid {
+            // Its socket and warehouse go in the temporary folder: it must be able to write there.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+            cmd.uid(id).gid(id);
+        }
+        let child = cmd
             .args(["agent", "--socket"])
             .arg(&sock)
             .arg("--warehouse")
@@ -98,6 +111,23 @@ impl TestAgent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The agent's open fds once they have not changed for 200 ms: a refill of the waiting
+    /// workers that lost its race holds a few while it starts and stops its extra worker.
+    pub fn steady_fds(&self) -> usize {
+        let t0 = Instant::now();
+        let mut last = (self.fds(), Instant::now());
+        while t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+            let n = self.fds();
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() >= Duration::from_millis(200) {
+                break;
+            }
+        }
+        last.0
     }
 
     /// The agent's open fds.
