@@ -93,6 +93,10 @@ fn sql_and_python_models_in_one_dag_match_the_same_logic_run_directly() {
         let n = node(&st, name);
         assert_eq!(n["kind"], "python", "{n}");
         assert!(n["start"] == "cold" || n["start"] == "zygote", "{n}");
+        // The kernel counted the call's process in its cgroup: pandas and pyarrow at work fault
+        // pages and map memory.
+        let k = &n["kernel"];
+        assert!(k["page_faults"].as_u64().unwrap_or(0) > 0 && k["mmaps"].as_u64().is_some(), "{name}: {k}");
     }
     // pyarrow's new column (and the columns passed through) leave by reference.
     let fpm = node(&st, "fare_per_mile");
