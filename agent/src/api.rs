@@ -91,6 +91,7 @@ async fn submit(
     let run = agent.add_run(valid);
     tracing::info!(run = %run.id, nodes = run.plan.nodes.len(), "run submitted");
     agent.python.prestart(&run.plan);
+    agent.python.prefork(&run.id, &run.plan);
     tokio::spawn(crate::executor::execute(agent.clone(), run.clone()));
     Ok((StatusCode::CREATED, Json(json!({ "id": run.id, "status": RunStatus::Running }))).into_response())
 }

@@ -77,6 +77,10 @@ pub struct PythonConfig {
     pub sandbox_lib: Option<PathBuf>,
     /// Zygotes kept at most (least recently used ones are stopped).
     pub zygotes: usize,
+    /// Python calls of a run forked ahead of need when it is submitted (its first Python
+    /// nodes, in plan order): a node whose parents are still running then starts with its
+    /// request alone. 0 forks every call when its node is ready.
+    pub prefork: usize,
     /// The unprivileged uid and gid functions run as.
     pub uid: u32,
     /// See `uid`.
@@ -103,6 +107,7 @@ impl Default for PythonConfig {
             preload: None,
             sandbox_lib: None,
             zygotes: 4,
+            prefork: 4,
             uid: 65534,
             gid: 65534,
             memory: 4 << 30,

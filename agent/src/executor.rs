@@ -162,6 +162,7 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
 
 fn finish(agent: &Agent, run: &Run, status: &[NodeStatus], outputs: &mut [Option<TableRef>], staged: Vec<Staged>, failed: bool) {
     let nodes = &run.plan.nodes;
+    agent.python.discard(&run.id);
     // Nodes that never ran: skipped when a parent failed, cancelled otherwise.
     for i in 0..nodes.len() {
         if status[i] == NodeStatus::Pending {

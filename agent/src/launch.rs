@@ -56,8 +56,8 @@ pub struct Timing {
     pub started_ns: u64,
     /// Its answer (and output) received.
     pub done_ns: u64,
-    /// How a Python function started: `zygote` (forked from a warm one) or `cold` (its zygote
-    /// had to be started first).
+    /// How a Python function started: `preforked` (forked ahead, before its node was ready),
+    /// `zygote` (forked from a warm one when ready) or `cold` (its zygote had to be started).
     pub start: Option<&'static str>,
     /// Peak memory of the function's cgroup, when the kernel reports one.
     pub memory_peak: Option<u64>,

@@ -3,12 +3,13 @@
 //! to any worker. The cgroup bounds memory, processes and CPU, and is how a timeout or a
 //! cancellation kills the function with everything it forked.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quiver_envs::{Env, EnvSpec, ForkRequest, Store, StoreOptions, ZygoteOptions, ZygotePool};
@@ -36,6 +37,8 @@ pub struct PythonRuntime {
     preload: PathBuf,
     calls: AtomicU64,
     kernel: Arc<KernelTelemetry>,
+    /// Calls forked ahead, by run and node.
+    preforks: Mutex<HashMap<(String, String), tokio::task::JoinHandle<Result<Prepared, NodeError>>>>,
 }
 
 impl std::fmt::Debug for PythonRuntime {
@@ -95,6 +98,7 @@ impl PythonRuntime {
             preload,
             calls: AtomicU64::new(0),
             kernel,
+            preforks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -159,16 +163,9 @@ impl PythonRuntime {
         }
     }
 
-    /// Runs one Python node.
-    pub async fn run(
-        self: &Arc<Self>,
-        run_id: &str,
-        node: &Node,
-        req: Request,
-        inputs: Vec<Arc<StoredTable>>,
-        timeout: Duration,
-        mut cancel: watch::Receiver<bool>,
-    ) -> Result<(NodeOutput, Timing), NodeError> {
+    /// Forks a call of `node` from its environment's zygote into a fresh cgroup and the
+    /// sandbox, where it waits for its request.
+    async fn prepare(self: &Arc<Self>, run_id: &str, node: &Node) -> Result<Prepared, NodeError> {
         let Task::Python(task) = &node.task else {
             return Err(NodeError::System("not a Python node".into()));
         };
@@ -179,7 +176,7 @@ impl PythonRuntime {
         let memory = node.resources.memory.unwrap_or(self.cfg.memory);
         let limits = CgroupLimits { memory: Some(memory), pids: Some(self.cfg.pids), cpus: node.resources.cpus };
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut cg = self.cgroup(&crate::cgroups::name("py", &format!("{run_id}-{n}")), &limits)?;
+        let cg = self.cgroup(&crate::cgroups::name("py", &format!("{run_id}-{n}")), &limits)?;
         // Counting (and the network denial, a layer under the sandbox's) starts before the
         // function enters its cgroup.
         let watch = match cg.v2_dir() {
@@ -212,11 +209,75 @@ impl PythonRuntime {
         let kernel = self.kernel.clone();
         let pid = forked.pid as u32;
         let meter = tokio::task::spawn_blocking(move || kernel.meter(pid)).await.ok().flatten();
+        Ok(Prepared { cold: forked.cold, cg, watch, meter, ours, log_path, memory })
+    }
+
+    /// Forks the calls of `plan`'s first Python nodes ahead of need (up to `[python]
+    /// prefork`), while their parents run: when a node is ready, its call only needs its
+    /// request. [`PythonRuntime::discard`] stops what the run did not use.
+    pub fn prefork(self: &Arc<Self>, run_id: &str, plan: &ValidPlan) {
+        let mut preforks = self.preforks.lock().unwrap_or_else(|e| e.into_inner());
+        for node in plan.nodes.iter().filter(|n| matches!(n.task, Task::Python(_))).take(self.cfg.prefork) {
+            let (me, run, node) = (self.clone(), run_id.to_owned(), node.clone());
+            let key = (run.clone(), node.name.clone());
+            preforks.insert(key, tokio::spawn(async move { me.prepare(&run, &node).await }));
+        }
+    }
+
+    /// Stops the calls forked ahead for `run_id` that it did not use (it failed, or was
+    /// cancelled, before their nodes ran).
+    pub fn discard(&self, run_id: &str) {
+        let mut preforks = self.preforks.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<_> = preforks.keys().filter(|(r, _)| r == run_id).cloned().collect();
+        for k in keys {
+            if let Some(h) = preforks.remove(&k) {
+                // Dropping the prepared call removes its cgroup, which kills it.
+                tokio::spawn(async move { drop(h.await) });
+            }
+        }
+    }
+
+    /// Runs one Python node: its call forked ahead when there is one, else forked now.
+    pub async fn run(
+        self: &Arc<Self>,
+        run_id: &str,
+        node: &Node,
+        req: Request,
+        inputs: Vec<Arc<StoredTable>>,
+        timeout: Duration,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<(NodeOutput, Timing), NodeError> {
+        let ahead = self.preforks.lock().unwrap_or_else(|e| e.into_inner()).remove(&(run_id.to_owned(), node.name.clone()));
+        let (prepared, start) = match ahead {
+            Some(h) => {
+                let ready = h.is_finished();
+                match h.await.map_err(|e| NodeError::System(format!("forking ahead: {e}")))? {
+                    Ok(p) => {
+                        let start = if ready { "preforked" } else if p.cold { "cold" } else { "zygote" };
+                        (p, start)
+                    }
+                    // The zygote died under it, say: fork again now.
+                    Err(NodeError::System(e)) => {
+                        tracing::warn!(run = run_id, node = %node.name, error = %e, "a call forked ahead failed; forking again");
+                        let p = self.prepare(run_id, node).await?;
+                        let start = if p.cold { "cold" } else { "zygote" };
+                        (p, start)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                let p = self.prepare(run_id, node).await?;
+                let start = if p.cold { "cold" } else { "zygote" };
+                (p, start)
+            }
+        };
+        let Prepared { cold: _, mut cg, watch, meter, ours, log_path, memory } = prepared;
         let outcome = talk(ours, req, inputs, None, timeout, &mut cancel).await;
         let oom = cg.oom_kills() > 0;
         let peak = cg.memory_peak();
         let outcome = match outcome {
-            Ok((out, t)) => Ok((out, Timing { start: Some(if forked.cold { "cold" } else { "zygote" }), memory_peak: peak, ..t })),
+            Ok((out, t)) => Ok((out, Timing { start: Some(start), memory_peak: peak, ..t })),
             Err(e) => {
                 // A timeout or cancellation kills the function and all it forked.
                 cg.kill(Duration::from_secs(5));
@@ -243,6 +304,18 @@ impl PythonRuntime {
         });
         outcome.map(|(out, t)| (out, Timing { kernel: Some(figures), ..t }))
     }
+}
+
+/// A call forked into its cgroup and sandbox, waiting for its request on `ours`. Dropped
+/// unused, its cgroup is removed and the call killed.
+struct Prepared {
+    cold: bool,
+    cg: Cgroup,
+    watch: Option<quiver_ebpf::Watch>,
+    meter: Option<quiver_ebpf::CopyMeter>,
+    ours: OwnedFd,
+    log_path: PathBuf,
+    memory: u64,
 }
 
 fn open_log(path: &Path) -> std::io::Result<File> {

@@ -85,7 +85,8 @@ pub struct NodeState {
     pub bytes_copied: u64,
     /// Output bytes whose pages the quiver-kzero module moved (0 without the module).
     pub bytes_moved: u64,
-    /// Python: `zygote` (forked from a warm zygote) or `cold` (the zygote was started for it).
+    /// Python: `preforked` (forked ahead while its parents ran), `zygote` (forked from a warm
+    /// zygote when ready) or `cold` (the zygote was started for it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub start: Option<&'static str>,
     /// Peak memory of the function's cgroup, bytes (Python functions).

@@ -92,7 +92,7 @@ fn sql_and_python_models_in_one_dag_match_the_same_logic_run_directly() {
     for name in ["fare_per_mile", "priciest_zones"] {
         let n = node(&st, name);
         assert_eq!(n["kind"], "python", "{n}");
-        assert!(n["start"] == "cold" || n["start"] == "zygote", "{n}");
+        assert!(["cold", "zygote", "preforked"].contains(&n["start"].as_str().unwrap_or("")), "{n}");
         // The kernel counted the call's process in its cgroup: pandas and pyarrow at work fault
         // pages and map memory.
         let k = &n["kernel"];
@@ -125,10 +125,12 @@ fn sql_and_python_models_in_one_dag_match_the_same_logic_run_directly() {
     let fpm_rows: i64 = conn.query_row("SELECT count(*) FROM long_trips", [], |r| r.get(0)).expect("count");
     assert_eq!(node(&st, "fare_per_mile")["rows"], fpm_rows);
 
-    // A second run forks from the warm zygote.
+    // A second run forks its calls from the warm zygote as soon as it is submitted: by the time
+    // priciest_zones's parents (trips, long_trips, fare_per_mile) are done, its call waits in
+    // its sandbox for the request.
     let st2 = quiver_run(&project, &a);
     assert_eq!(st2["status"], "succeeded", "{st2}");
-    assert_eq!(node(&st2, "priciest_zones")["start"], "zygote", "{st2}");
+    assert_eq!(node(&st2, "priciest_zones")["start"], "preforked", "{st2}");
 
     // An expectation that returns False fails the run before anything is published.
     std::fs::write(
@@ -144,6 +146,40 @@ fn sql_and_python_models_in_one_dag_match_the_same_logic_run_directly() {
     let never = node(&st3, "never");
     assert!(never["error"].as_str().unwrap_or("").contains("returned False"), "{never}");
     assert_eq!(std::fs::read_link(&wh).ok(), before, "nothing was published");
+
+    // A run that fails before its Python nodes run stops the calls it forked ahead: no cgroup
+    // (and so no process) of theirs is left.
+    std::fs::remove_file(project.join("never.py")).expect("rm never.py");
+    std::fs::write(project.join("long_trips.sql"), "SELECT no_such_column FROM trips").expect("bad sql");
+    let st4 = quiver_run(&project, &a);
+    assert_eq!(st4["status"], "failed", "{st4}");
+    assert_eq!(node(&st4, "fare_per_mile")["state"], "skipped", "{st4}");
+    let prefix = format!("py-{}-{}-", a.pid(), st4["id"].as_str().expect("id"));
+    let t0 = std::time::Instant::now();
+    while !cgroups_named(&prefix).is_empty() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(cgroups_named(&prefix), Vec::<PathBuf>::new(), "the calls forked ahead are gone");
+}
+
+/// Cgroup folders (any hierarchy) whose name starts with `prefix`.
+fn cgroups_named(prefix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(p);
+            } else if p.components().count() < 7 {
+                dirs.push(p);
+            }
+        }
+    }
+    out
 }
 
 fn walk(p: &Path) -> Vec<PathBuf> {
