@@ -4,6 +4,9 @@
 //! * `cold`: no zygote: one is started for the call (Python plus the harness and pyarrow).
 //! * `cold-imports`: the same, with pandas imported as well.
 //! * `zygote`: forked from a warm zygote that has pyarrow and pandas imported.
+//! * `preforked`: forked the same way *before* the clock starts, as the agent does for a run's
+//!   Python nodes while their parents run (`[python] prefork`): the request to a call waiting
+//!   in its cgroup and sandbox, to its first line.
 //!
 //! The environment is the venv `--venv` (scripts/setup makes /var/tmp/quiver-py), standing in
 //! for a store-built one. Needs root.
@@ -78,19 +81,25 @@ impl Bench {
         Spec { root: "/run/quiver/sandbox".into(), binds, tmp_bytes: 64 << 20, uid: 65534, gid: 65534, hostname: "quiver".into(), limits: Limits::default(), keep_fds: vec![], network: false, workdir: "/tmp".into() }
     }
 
-    /// One call; returns ms from the request to the function's first line.
-    fn start(&mut self, env: &Env) -> Result<f64> {
+    /// One call; returns ms from the request to the function's first line. With `ahead`, the
+    /// call is forked (into its cgroup and sandbox) before the clock starts.
+    fn start(&mut self, env: &Env, ahead: bool) -> Result<f64> {
         self.calls += 1;
         let module = self.dir.path().join("first_line.py");
         let log = std::fs::File::create(self.dir.path().join("log"))?;
         let mut cg = self.cgroups.create(&format!("bench-{}-{}", std::process::id(), self.calls), &CgroupLimits { memory: Some(2 << 30), pids: Some(64), cpus: None })?;
         let procs = cg.procs_files()?;
         let (ours, theirs) = socketpair()?;
-        let t0 = quiver_envs_clock();
+        let mut t0 = quiver_envs_clock();
         let req = ForkRequest { conn: theirs.as_fd(), log: log.as_fd(), cgroup_procs: procs.iter().map(|f| f.as_fd()).collect(), network: false, sandbox: serde_json::to_value(self.spec(env))? };
         self.pool.fork(env, &req)?;
         drop(req);
         drop(theirs);
+        if ahead {
+            // Long enough for the call to be in its sandbox, waiting, as a node's parents take.
+            std::thread::sleep(Duration::from_millis(50));
+            t0 = quiver_envs_clock();
+        }
         let request = json!({"run": "bench", "node": "first_line", "task": {"Python": {"module": module, "function": "first_line",
             "env": {"python": "3.11", "pip": {}}, "params": [], "expectation": false}}, "inputs": [], "staging": null, "edges": "arena"});
         let s = ours.as_fd();
@@ -146,17 +155,23 @@ pub fn run(a: Args) -> Result<()> {
     let plain = env(&a.venv, false)?;
     let pandas = env(&a.venv, true)?;
     let mut results = Vec::new();
-    for (variant, e, n, cold) in [("cold", &plain, a.cold_n, true), ("cold-imports", &pandas, a.cold_n, true), ("zygote", &pandas, a.n, false)] {
+    let variants = [
+        ("cold", &plain, a.cold_n, true, false),
+        ("cold-imports", &pandas, a.cold_n, true, false),
+        ("zygote", &pandas, a.n, false, false),
+        ("preforked", &pandas, a.n, false, true),
+    ];
+    for (variant, e, n, cold, ahead) in variants {
         if !cold {
             b.pool.prestart(e)?;
-            b.start(e)?;
+            b.start(e, false)?;
         }
         let mut ms = Vec::with_capacity(n);
         for _ in 0..n {
             if cold {
                 b.pool.shutdown();
             }
-            ms.push(b.start(e)?);
+            ms.push(b.start(e, ahead)?);
         }
         let (p50, p99) = (pct(&mut ms, 0.5), pct(&mut ms, 0.99));
         results.push(json!({"variant": variant, "n": n, "p50_ms": p50, "p99_ms": p99}));
