@@ -209,3 +209,21 @@ fn a_pinned_table_is_listed_and_handed_out_zero_copy() {
     let (_, m) = a.call("GET", "/metrics", None);
     assert!(m.contains("quiver_table_bytes 0\n"), "{m}");
 }
+
+#[test]
+fn workers_run_without_new_privileges_under_the_seccomp_filter() {
+    let a = TestAgent::start(&[]);
+    assert_eq!(a.settle(), 2, "two workers wait");
+    let idle = a.all_children();
+    assert!(!idle.is_empty());
+    for pid in idle {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
+        assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}:\n{status}");
+        assert_eq!(field("Seccomp:"), "2", "worker {pid} runs under a seccomp filter:\n{status}");
+    }
+    // And they still do their work.
+    let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},
+                                  {"name": "q", "kind": "sql", "parents": ["t"], "sql": "SELECT count(*) AS n FROM t"}]}));
+    assert_eq!(v["status"], "succeeded", "{v}");
+}

@@ -48,6 +48,12 @@ pub fn main() -> i32 {
     // SAFETY: the agent passes the socket as fd 3; nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(3) };
     set_process_name("quiver:idle");
+    // Before any thread or input exists: what a decoder or DuckDB bug exploited by crafted
+    // data could reach. Without it the worker does not run.
+    if let Err(e) = quiver_sandbox::restrict_syscalls(false) {
+        eprintln!("quiver worker: cannot restrict its system calls: {e}");
+        return 2;
+    }
     match serve(sock.as_fd()) {
         Ok(()) => 0,
         Err(e) => {

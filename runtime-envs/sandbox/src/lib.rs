@@ -95,6 +95,25 @@ pub fn confine(spec: &Spec) -> Result<Confined> {
     Ok(Confined { landlock })
 }
 
+/// The system-call layer alone, for quiver's native workers, which are started before their
+/// task (and so the paths they must reach) is known: `PR_SET_NO_NEW_PRIVS`, the seccomp deny
+/// list (inet sockets too unless `network`) and no core dumps. Call it before starting threads:
+/// the filter covers the calling thread and everything it starts.
+pub fn restrict_syscalls(network: bool) -> Result<()> {
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit reads the struct passed by reference; prctl with these arguments has
+    // no memory effects.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+            return Err(SandboxError::sys("setrlimit(RLIMIT_CORE)", nix::errno::Errno::last()));
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(SandboxError::sys("PR_SET_NO_NEW_PRIVS", nix::errno::Errno::last()));
+        }
+    }
+    seccomp::apply(network)
+}
+
 /// Both steps, for a single-threaded Rust process: returns in the confined process; the
 /// calling process waits for it and exits with its status.
 pub fn enter(spec: &Spec, cgroup_procs: &[BorrowedFd<'_>], net: Option<BorrowedFd<'_>>) -> Result<Confined> {
