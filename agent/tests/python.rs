@@ -9,43 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BIN, TestAgent, taxi};
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-const WHEELS: &str = "/var/tmp/quiver-wheels";
-
-fn ready() -> bool {
-    let mut why = Vec::new();
-    if !nix::unistd::Uid::effective().is_root() {
-        why.push("needs root (sandbox, cgroups)".to_owned());
-    }
-    if !Path::new(WHEELS).join(".complete").exists() && std::fs::read_dir(WHEELS).map_or(true, |d| d.count() == 0) {
-        why.push(format!("{WHEELS} is empty (run scripts/setup)"));
-    }
-    if why.is_empty() {
-        return true;
-    }
-    assert!(!in_ci(), "python tests: {}", why.join("; "));
-    eprintln!("skipped: {}", why.join("; "));
-    false
-}
-
-/// An agent whose environments are built offline into a store shared by these tests.
-fn agent(dir: &Path) -> TestAgent {
-    let cfg = dir.join("agent.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[python]\nenvs = \"/var/tmp/quiver-test-envs\"\nuv_cache = \"/var/tmp/quiver-test-uv\"\nwheels = \"{WHEELS}\"\nlogs = \"{}\"\n",
-            dir.join("logs").display()
-        ),
-    )
-    .expect("config");
-    TestAgent::start(&["--config", cfg.to_str().expect("utf8")])
-}
+use common::{BIN, TestAgent, python_agent as agent, python_ready as ready, taxi};
 
 fn project(to: &Path, with_python: bool) -> PathBuf {
     let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/taxi");

@@ -249,3 +249,45 @@ pub fn taxi(dir: &Path, rows: u64) {
     let st = Command::new(BIN).args(["gen-taxi", "--out"]).arg(dir).args(["--size", &format!("{rows}rows")]).status().expect("gen-taxi");
     assert!(st.success());
 }
+
+/// Whether tests that need root or a kernel feature must fail rather than skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The wheel folder scripts/setup fills, from which the Python tests' environments are built
+/// offline.
+pub const WHEELS: &str = "/var/tmp/quiver-wheels";
+
+/// Whether the Python tests can run here (root, the wheels); skips with the reason, or fails
+/// under CI.
+pub fn python_ready() -> bool {
+    let mut why = Vec::new();
+    if !nix::unistd::Uid::effective().is_root() {
+        why.push("needs root (sandbox, cgroups)".to_owned());
+    }
+    if !std::path::Path::new(WHEELS).join(".complete").exists() && std::fs::read_dir(WHEELS).map_or(true, |d| d.count() == 0) {
+        why.push(format!("{WHEELS} is empty (run scripts/setup)"));
+    }
+    if why.is_empty() {
+        return true;
+    }
+    assert!(!in_ci(), "python tests: {}", why.join("; "));
+    eprintln!("skipped: {}", why.join("; "));
+    false
+}
+
+/// An agent whose environments are built offline into a store shared by the Python tests.
+pub fn python_agent(dir: &Path) -> TestAgent {
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[python]\nenvs = \"/var/tmp/quiver-test-envs\"\nuv_cache = \"/var/tmp/quiver-test-uv\"\nwheels = \"{WHEELS}\"\nlogs = \"{}\"\n",
+            dir.join("logs").display()
+        ),
+    )
+    .expect("config");
+    TestAgent::start(&["--config", cfg.to_str().expect("utf8")])
+}
+

@@ -202,10 +202,21 @@ def _describe(e: BaseException, folder: str) -> str:
 
 
 def _call(fn, kwargs: dict, module: str):
+    me = os.getpid()
     try:
-        return fn(**kwargs)
+        result = fn(**kwargs)
     except BaseException as e:  # noqa: BLE001 - anything user code raises, SystemExit included
+        _only_the_caller(me)
         raise UserError(_describe(e, os.path.dirname(module))) from None
+    _only_the_caller(me)
+    return result
+
+
+def _only_the_caller(pid: int):
+    """A process the function forked that returns (or raises) into the harness ends here: only
+    the function's own process answers, or replies would interleave on the agent's socket."""
+    if os.getpid() != pid:
+        os._exit(0)
 
 
 def _expectation(result, label: str) -> dict:

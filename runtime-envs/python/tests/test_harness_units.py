@@ -88,3 +88,15 @@ def test_read_only_errors_get_the_hint():
     except ValueError as e:
         msg = _harness._describe(e, "/nonexistent")
     assert "inputs are read-only" in msg and "copy" in msg
+
+
+def test_only_the_calling_process_returns_from_a_call():
+    # A function that forks: the child returning into the harness must end, not answer.
+    def forks():
+        return "child" if os.fork() == 0 else "parent"
+
+    pid_before = os.getpid()
+    result = _harness._call(forks, {}, "/nonexistent/m.py")
+    assert os.getpid() == pid_before and result == "parent"
+    _, status = os.wait()
+    assert os.waitstatus_to_exitcode(status) == 0
