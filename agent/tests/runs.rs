@@ -214,8 +214,19 @@ fn a_pinned_table_is_listed_and_handed_out_zero_copy() {
 fn workers_run_without_new_privileges_under_the_seccomp_filter() {
     let a = TestAgent::start(&[]);
     assert_eq!(a.settle(), 2, "two workers wait");
-    let idle = a.all_children();
-    assert!(!idle.is_empty());
+    // Named quiver:idle once restricted; a worker just started may not be yet.
+    let named_idle = || -> Vec<i32> {
+        a.all_children()
+            .into_iter()
+            .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "quiver:idle"))
+            .collect()
+    };
+    let t0 = Instant::now();
+    while named_idle().len() < 2 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let idle = named_idle();
+    assert_eq!(idle.len(), 2, "two waiting workers");
     for pid in idle {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
@@ -223,6 +234,23 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
         assert_eq!(field("Seccomp:"), "2", "worker {pid} runs under a seccomp filter:\n{status}");
     }
     // And they still do their work.
+    let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},
+                                  {"name": "q", "kind": "sql", "parents": ["t"], "sql": "SELECT count(*) AS n FROM t"}]}));
+    assert_eq!(v["status"], "succeeded", "{v}");
+}
+
+#[test]
+fn a_query_cannot_read_or_write_files_beyond_its_task() {
+    let a = TestAgent::start(&[]);
+    // DuckDB can read and write files from SQL: the worker's landlock rules stop it.
+    for sql in ["SELECT content FROM read_text('/etc/shadow')", "COPY (SELECT 1 AS x) TO '/etc/quiver-escape.csv'"] {
+        let v = a.run(&json!({"nodes": [{"name": "q", "kind": "sql", "sql": sql}]}));
+        assert_eq!(v["status"], "failed", "{sql}: {v}");
+        let e = v["nodes"][0]["error"].as_str().unwrap_or("");
+        assert!(e.contains("ermission"), "{sql}: {e}");
+    }
+    assert!(!std::path::Path::new("/etc/quiver-escape.csv").exists());
+    // Its own work still runs, and a scan still reads its source.
     let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},
                                   {"name": "q", "kind": "sql", "parents": ["t"], "sql": "SELECT count(*) AS n FROM t"}]}));
     assert_eq!(v["status"], "succeeded", "{v}");

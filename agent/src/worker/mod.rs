@@ -10,6 +10,7 @@ pub use scan::parquet_files;
 mod sql;
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
 use quiver_shm::sipc::{ReadOptions, SipcRead, TableWriter, read_table};
@@ -47,13 +48,13 @@ pub enum Output {
 pub fn main() -> i32 {
     // SAFETY: the agent passes the socket as fd 3; nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(3) };
-    set_process_name("quiver:idle");
     // Before any thread or input exists: what a decoder or DuckDB bug exploited by crafted
     // data could reach. Without it the worker does not run.
     if let Err(e) = quiver_sandbox::restrict_syscalls(false) {
         eprintln!("quiver worker: cannot restrict its system calls: {e}");
         return 2;
     }
+    set_process_name("quiver:idle");
     match serve(sock.as_fd()) {
         Ok(()) => 0,
         Err(e) => {
@@ -68,6 +69,10 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
     let req: Request = recv_json(sock)?;
     send_json(sock, &Hello { started_ns: crate::proto::monotonic_ns() })?;
     set_process_name(&format!("quiver:{}", req.node));
+    // Still one thread: what the task's files allow binds every thread it will start.
+    if let Err(e) = restrict_files(&req) {
+        return send_json(sock, &Reply::Failed { user: false, message: format!("confining the worker to its files: {e}") });
+    }
     let limits = RecvLimits::default();
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for name in &req.inputs {
@@ -113,6 +118,39 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
     // SAFETY: setpriority has no memory effects.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     answered
+}
+
+/// Paths every worker may read: what the runtime and DuckDB consult about the machine (CPUs,
+/// memory, cgroup limits) and time zones.
+const SYSTEM_READS: [&str; 4] = ["/proc", "/sys", "/usr/share/zoneinfo", "/etc/localtime"];
+
+/// Landlock for the task at hand: a scan reads its source, a materialization writes its
+/// staging folder, SQL reads no file (DuckDB's `read_csv`, `COPY ... TO` and the like reach
+/// only /tmp); all may write /tmp and /dev. Kernels without landlock keep the other layers.
+fn restrict_files(req: &Request) -> Result<(), String> {
+    let mut read: Vec<PathBuf> = SYSTEM_READS.iter().map(PathBuf::from).collect();
+    let mut write: Vec<PathBuf> = vec![PathBuf::from("/tmp"), PathBuf::from("/dev")];
+    match &req.task {
+        Task::Scan { path, .. } => read.push(PathBuf::from(path)),
+        Task::Materialize { .. } => {
+            if let Some(staging) = &req.staging {
+                std::fs::create_dir_all(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+                write.push(staging.clone());
+            }
+        }
+        Task::Sql { .. } | Task::Python(_) => {}
+    }
+    // A rule needs its path to exist; a missing source fails the scan with its own message.
+    let read: Vec<&Path> = read.iter().map(PathBuf::as_path).filter(|p| p.exists()).collect();
+    let write: Vec<&Path> = write.iter().map(PathBuf::as_path).filter(|p| p.exists()).collect();
+    match quiver_sandbox::restrict_files(&read, &write, false) {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            eprintln!("quiver worker: landlock is not available on this kernel: files are not confined");
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn run(req: &Request, inputs: &[(String, SipcRead)]) -> Result<Output, WorkError> {

@@ -114,6 +114,14 @@ pub fn restrict_syscalls(network: bool) -> Result<()> {
     seccomp::apply(network)
 }
 
+/// The file system layer alone, for a native worker once it knows its task: from now on the
+/// calling thread, and every thread and process it starts, may read only beneath `read` and
+/// write only beneath `write` (landlock), and without `network` neither bind nor connect TCP.
+/// Every path must exist. Returns whether this kernel enforces it (false without landlock).
+pub fn restrict_files(read: &[&std::path::Path], write: &[&std::path::Path], network: bool) -> Result<bool> {
+    fsrules::restrict_to(read, write, network)
+}
+
 /// Both steps, for a single-threaded Rust process: returns in the confined process; the
 /// calling process waits for it and exits with its status.
 pub fn enter(spec: &Spec, cgroup_procs: &[BorrowedFd<'_>], net: Option<BorrowedFd<'_>>) -> Result<Confined> {
