@@ -11,6 +11,9 @@
 //! GET    /v1/tables                tables the agent holds
 //! GET    /v1/tables/{name}         one table
 //! DELETE /v1/tables/{name}         drop a table
+//! GET    /v1/cache                 cached column chunks
+//! GET    /v1/cache/stats           the cache's and the memory manager's figures
+//! DELETE /v1/cache                 drop every cached chunk
 //! ```
 //!
 //! Every error is a JSON object `{"error": "..."}` with a 4xx (the caller's mistake) or 5xx.
@@ -56,6 +59,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/runs/{id}/logs/{node}", get(node_log))
         .route("/v1/tables", get(list_tables))
         .route("/v1/tables/{name}", get(describe_table).delete(drop_table))
+        .route("/v1/cache", get(crate::cache::api::list).delete(crate::cache::api::drop_all))
+        .route("/v1/cache/stats", get(crate::cache::api::stats))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(agent)
@@ -233,5 +238,6 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         "# HELP quiver_table_bytes Bytes of the tables the agent keeps.\n# TYPE quiver_table_bytes gauge\nquiver_table_bytes {}",
         agent.table_bytes()
     );
+    crate::cache::api::metrics(&agent, &mut s);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }

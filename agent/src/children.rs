@@ -31,3 +31,8 @@ pub fn kill_all() -> usize {
 pub fn count() -> usize {
     LIVE.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, HashSet::len)
 }
+
+/// Pids of the live workers.
+pub fn pids() -> Vec<i32> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten().copied().collect()
+}

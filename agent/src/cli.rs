@@ -31,6 +31,7 @@ async fn embedded(warehouse: &Path, config: Option<Config>) -> Result<Embedded> 
     crate::warehouse::recover(warehouse)?;
     let config = Config { socket: socket.clone(), warehouse: warehouse.to_path_buf(), ..config.unwrap_or_default() };
     let listener = crate::server::bind(&socket, 0o600)?;
+    crate::memory::raise_nofile();
     let agent = Agent::new(config);
     agent.pool.fill();
     // It serves until `run` stops it with `stop_everything` and aborts the task.
@@ -194,6 +195,47 @@ pub async fn tables(socket: &Path) -> Result<()> {
     let v = client::call(socket, Method::GET, "/v1/tables", None).await?;
     for t in v["tables"].as_array().into_iter().flatten() {
         println!("{}  {} rows  {}  [{}]", t["name"].as_str().unwrap_or(""), t["rows"], human(t["bytes"].as_u64().unwrap_or(0)), t["columns"].as_array().map(|c| c.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// What `quiver cache` does.
+#[derive(clap::Subcommand)]
+pub enum CacheCmd {
+    /// List the cached column chunks.
+    Ls,
+    /// The cache's and the memory manager's figures.
+    Stats,
+    /// Drop every cached chunk.
+    Drop,
+}
+
+/// `quiver cache ls|stats|drop`.
+pub async fn cache(socket: &Path, cmd: CacheCmd) -> Result<()> {
+    match cmd {
+        CacheCmd::Ls => {
+            let v = client::call(socket, Method::GET, "/v1/cache", None).await?;
+            println!("{:<48} {:>5} {:<24} {:>10} {:>10} {:>4}", "file", "rg", "column", "rows", "bytes", "pin");
+            for c in v["chunks"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<48} {:>5} {:<24} {:>10} {:>10} {:>4}",
+                    c["path"].as_str().unwrap_or(""),
+                    c["row_group"],
+                    c["column"].as_str().unwrap_or(""),
+                    c["rows"],
+                    human(c["bytes"].as_u64().unwrap_or(0)),
+                    if c["pinned"] == true { "yes" } else { "" }
+                );
+            }
+        }
+        CacheCmd::Stats => {
+            let v = client::call(socket, Method::GET, "/v1/cache/stats", None).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        CacheCmd::Drop => {
+            let v = client::call(socket, Method::DELETE, "/v1/cache", None).await?;
+            println!("dropped {} chunks, {}", v["dropped_chunks"], human(v["dropped_bytes"].as_u64().unwrap_or(0)));
+        }
     }
     Ok(())
 }

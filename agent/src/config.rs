@@ -33,6 +33,10 @@ pub struct Config {
     pub python: PythonConfig,
     /// Kernel-measured figures per function (eBPF) and network denial.
     pub telemetry: TelemetryConfig,
+    /// The deserialization cache of decoded Parquet column chunks.
+    pub cache: CacheConfig,
+    /// The node's memory budget and admission control.
+    pub memory: MemoryConfig,
 }
 
 /// The `[telemetry]` table.
@@ -51,6 +55,61 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig { enabled: true, copy_meter: false }
+    }
+}
+
+/// The `[cache]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Scans share decoded column chunks through the cache (off: every scan decodes its
+    /// Parquet itself, the baseline of the sharing benchmark).
+    pub enabled: bool,
+    /// Most bytes the cache keeps (0: bounded only by the memory budget).
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { enabled: true, max_bytes: 0 }
+    }
+}
+
+/// The `[memory]` table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// The node's budget in bytes for the tables the agent holds (cache and intermediates) plus
+    /// the estimates of running functions (0: `budget_fraction` of `MemAvailable` at start).
+    pub budget_bytes: u64,
+    /// The share of `MemAvailable` used when `budget_bytes` is 0.
+    pub budget_fraction: f64,
+    /// Admission control: launches wait rather than overcommit the budget (off: every ready
+    /// node launches when it has a slot).
+    pub admission: bool,
+    /// A scan's estimate is this many times the bytes of its Parquet files (decoded Arrow is
+    /// usually larger than compressed Parquet).
+    pub scan_expansion: f64,
+    /// Estimate of a function's own working memory, added to its inputs' bytes.
+    pub function_base_bytes: u64,
+    /// oom_score_adj of the agent (kept low so the kernel picks a function, never the daemon;
+    /// lowering it needs root).
+    pub agent_oom_score_adj: i32,
+    /// oom_score_adj of function processes.
+    pub function_oom_score_adj: i32,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            budget_bytes: 0,
+            budget_fraction: 0.5,
+            admission: true,
+            scan_expansion: 2.0,
+            function_base_bytes: 64 << 20,
+            agent_oom_score_adj: -900,
+            function_oom_score_adj: 900,
+        }
     }
 }
 
@@ -131,6 +190,8 @@ impl Default for Config {
             keep_runs: 1000,
             python: PythonConfig::default(),
             telemetry: TelemetryConfig::default(),
+            cache: CacheConfig::default(),
+            memory: MemoryConfig::default(),
         }
     }
 }

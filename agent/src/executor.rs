@@ -101,6 +101,7 @@ pub async fn execute(agent: Arc<Agent>, run: Arc<Run>) {
                     ns.queued_ms = Some(queued_ms);
                     ns.start = timing.start;
                     ns.memory_peak_bytes = timing.memory_peak;
+                    ns.cache = timing.cache;
                 });
                 if let Some(f) = timing.kernel {
                     figures.push((i, f));
@@ -231,6 +232,14 @@ fn finish(agent: &Agent, run: &Run, status: &[NodeStatus], outputs: &mut [Option
 async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>) -> (usize, f64, Result<(NodeOutput, Timing), NodeError>) {
     let node = &run.plan.nodes[i];
     let mut cancel = run.cancel.subscribe();
+    // Memory first, so a launch waiting for memory holds no slot: nodes that consume held
+    // tables go before new scans, and must be able to get a slot (see memory.rs).
+    let estimate = agent.memory.estimate(&node.task, &node.resources, &inputs, &agent.cache, &agent.config);
+    let consumer = !node.parents.is_empty();
+    let _grant = match agent.memory.admit(estimate, consumer, &agent.cache, &mut cancel).await {
+        Ok(g) => g,
+        Err(_) => return (i, 0.0, Err(NodeError::Cancelled)),
+    };
     // Busy slots go to higher-priority runs first.
     let _slot = tokio::select! {
         s = agent.slots.acquire(run.plan.priority) => s,
@@ -253,11 +262,15 @@ async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>
         inputs: node.parents.iter().map(|&p| run.plan.nodes[p].name.clone()).collect(),
         staging,
         edges: run.plan.edges,
+        cache: agent.config.cache.enabled && matches!(node.task, Task::Scan { .. }),
     };
     let timeout = Duration::from_secs_f64(node.resources.timeout_s.unwrap_or(agent.config.default_timeout_s));
     let r = match &node.task {
         Task::Python(_) => agent.python.run(&run.id, node, req, inputs, timeout, run.cancel.subscribe()).await,
-        _ => run_worker(&agent.pool, req, inputs, timeout, run.cancel.subscribe()).await,
+        _ => {
+            let cache = req.cache.then(|| (agent.cache.clone(), agent.memory.clone()));
+            run_worker(&agent.pool, req, inputs, cache, timeout, run.cancel.subscribe()).await
+        }
     };
     (i, run.ms() - started, r.map(|(out, t)| (out, Timing { slot_ns, ..t })))
 }

@@ -63,7 +63,12 @@ pub struct Timing {
     pub memory_peak: Option<u64>,
     /// The kernel's figures, ready once the function process has exited (telemetry on).
     pub kernel: Option<PendingFigures>,
+    /// A scan through the cache: its chunks hit and decoded.
+    pub cache: Option<crate::cache::ScanStats>,
 }
+
+/// The cache a scan talks to, and the memory manager that bounds it.
+pub type CacheLink = Option<(Arc<crate::cache::Cache>, Arc<crate::memory::Memory>)>;
 
 /// A started worker waiting for its request on `sock`.
 #[derive(Debug)]
@@ -141,6 +146,7 @@ fn fork_worker(kernel: &KernelTelemetry) -> Result<Started, NodeError> {
     let child = cmd.spawn().map_err(|e| sys("starting the worker", &e))?;
     drop(procs);
     crate::children::register(child.id() as i32);
+    crate::memory::mark_function(child.id() as i32);
     Ok(Started { child, sock: ours, cgroup })
 }
 
@@ -223,6 +229,7 @@ pub async fn run_worker(
     pool: &Arc<Pool>,
     req: Request,
     inputs: Vec<std::sync::Arc<StoredTable>>,
+    cache: CacheLink,
     timeout: Duration,
     mut cancel: watch::Receiver<bool>,
 ) -> Result<(NodeOutput, Timing), NodeError> {
@@ -237,7 +244,7 @@ pub async fn run_worker(
     let Started { child, sock: ours, cgroup } = w;
     let pid = child.id() as i32;
     let refill = (pool.target > 0).then(|| pool.clone());
-    let outcome = talk(ours, req, inputs, refill, timeout, &mut cancel).await;
+    let outcome = talk(ours, req, inputs, refill, cache, timeout, &mut cancel).await;
     let err = match outcome {
         Ok((out, timing)) => {
             // The output is admitted (sealed, checked): the node is done. The worker's exit
@@ -282,10 +289,11 @@ pub async fn talk(
     req: Request,
     inputs: Vec<std::sync::Arc<StoredTable>>,
     refill: Option<Arc<Pool>>,
+    cache: CacheLink,
     timeout: Duration,
     cancel: &mut watch::Receiver<bool>,
 ) -> Result<(NodeOutput, Timing), NodeError> {
-    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs, refill));
+    let talk = tokio::task::spawn_blocking(move || converse(ours, req, inputs, refill, cache));
     tokio::select! {
         r = talk => r.map_err(|e| NodeError::System(format!("worker thread: {e}"))).and_then(|r| r),
         _ = tokio::time::sleep(timeout) => Err(NodeError::Timeout(timeout.as_secs_f64())),
@@ -299,6 +307,7 @@ fn converse(
     req: Request,
     inputs: Vec<std::sync::Arc<StoredTable>>,
     refill: Option<Arc<Pool>>,
+    cache: CacheLink,
 ) -> Result<(NodeOutput, Timing), NodeError> {
     let lost = |e: quiver_shm::ShmError| NodeError::System(format!("worker connection: {e}"));
     send_json(sock.as_fd(), &req).map_err(lost)?;
@@ -312,6 +321,14 @@ fn converse(
         // and exec) does not compete with this one's start for the CPU.
         std::thread::spawn(move || p.fill());
     }
+    // A caching scan's rounds; the chunks it was given stay pinned until its output is in.
+    let (scan_stats, _pinned) = match (&req.task, &cache) {
+        (crate::plan::Task::Scan { path, .. }, Some((c, m))) if req.cache => {
+            let (st, pins) = crate::cache::serve::serve_scan(c, m, sock.as_fd(), path)?;
+            (Some(st), pins)
+        }
+        _ => (None, Vec::new()),
+    };
     let reply: Reply = recv_json(sock.as_fd()).map_err(lost)?;
     let out = match reply {
         Reply::Failed { user: true, message } => Err(NodeError::User(message)),
@@ -324,12 +341,12 @@ fn converse(
             Ok(NodeOutput::Table(table, bytes))
         }
     }?;
-    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns(), start: None, memory_peak: None, kernel: None }))
+    Ok((out, Timing { slot_ns: 0, started_ns: hello.started_ns, done_ns: monotonic_ns(), start: None, memory_peak: None, kernel: None, cache: scan_stats }))
 }
 
 /// Checks a table from an untrusted worker without reading its data: the descriptor parses
 /// within limits, one sealed memfd per segment, of the declared sizes.
-fn admit(desc: Vec<u8>, fds: Vec<OwnedFd>, rows: u64) -> Result<StoredTable, String> {
+pub fn admit(desc: Vec<u8>, fds: Vec<OwnedFd>, rows: u64) -> Result<StoredTable, String> {
     let raw = RawDescriptor::decode(&desc, &Limits::default()).map_err(|e| e.to_string())?;
     if raw.segment_sizes.len() != fds.len() {
         return Err(format!("{} segments described, {} fds sent", raw.segment_sizes.len(), fds.len()));
@@ -346,6 +363,5 @@ fn admit(desc: Vec<u8>, fds: Vec<OwnedFd>, rows: u64) -> Result<StoredTable, Str
         }
         segments.push(s);
     }
-    let bytes = segments.iter().map(|s| s.size()).sum();
-    Ok(StoredTable { descriptor: desc, segments, rows, bytes, schema_ipc: raw.schema_ipc })
+    Ok(StoredTable::new(desc, segments, rows, raw.schema_ipc))
 }

@@ -3,6 +3,7 @@
 
 mod api;
 mod cgroups;
+mod cache;
 mod children;
 mod cli;
 mod client;
@@ -12,6 +13,7 @@ mod env_cmd;
 mod executor;
 mod filter;
 mod launch;
+mod memory;
 mod plan;
 mod project;
 mod query;
@@ -117,6 +119,14 @@ enum Cmd {
         #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket())]
         socket: PathBuf,
     },
+    /// The deserialization cache: list its chunks, show its figures, drop it.
+    Cache {
+        #[command(subcommand)]
+        cmd: cli::CacheCmd,
+        /// The agent's socket.
+        #[arg(long, env = "QUIVER_SOCKET", default_value_os_t = cli::default_socket(), global = true)]
+        socket: PathBuf,
+    },
     /// Write the example's synthetic taxi trips as Parquet (deterministic).
     GenTaxi {
         /// Output folder.
@@ -184,6 +194,7 @@ fn main() -> Result<()> {
         Cmd::Status { run, socket } => runtime()?.block_on(cli::status(&socket, run)),
         Cmd::Logs { run, node, socket } => runtime()?.block_on(cli::logs(&socket, &run, node)),
         Cmd::Tables { socket } => runtime()?.block_on(cli::tables(&socket)),
+        Cmd::Cache { cmd, socket } => runtime()?.block_on(cli::cache(&socket, cmd)),
         Cmd::Env(c) => env_cmd::run(c),
         Cmd::GenTaxi { out, size } => {
             let files = taxi::generate(&out, size)?;

@@ -7,6 +7,16 @@
 //! worker -> agent    Hello (JSON), as soon as it has the request
 //! worker -> agent    Reply (JSON); after Reply::Table, the output as one SIPC table
 //! ```
+//!
+//! A scan with `cache` set talks with the agent's deserialization cache between Hello and
+//! Reply:
+//!
+//! ```text
+//! worker -> agent    ScanUp::Plan: the files (with their identity) and the chunks it needs
+//! agent  -> worker   Round: chunks given (one SIPC table each follows) and chunks to decode
+//! worker -> agent    ScanUp::Decoded, then one SIPC table per decoded chunk, in Round order
+//!                    (rounds repeat until one is `last`)
+//! ```
 
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
@@ -34,6 +44,92 @@ pub struct Request {
     /// How the output is handed on.
     #[serde(default)]
     pub edges: Edges,
+    /// A scan takes and gives column chunks through the agent's cache (the rounds above).
+    #[serde(default)]
+    pub cache: bool,
+}
+
+/// The decoding options every cached chunk was made with; part of a chunk's key, so a change
+/// of them never serves chunks decoded differently.
+pub const DECODE_OPTIONS: &str = "arrow-rs-60;batch=131072;v1";
+
+/// A file's identity as `stat` gives it: a rewritten file gets a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct FileIdent {
+    /// The path the scan opened.
+    pub path: PathBuf,
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl FileIdent {
+    /// The identity of `path` from its metadata (of the open file, in a worker).
+    pub fn of(path: &std::path::Path, m: &std::fs::Metadata) -> FileIdent {
+        use std::os::unix::fs::MetadataExt;
+        FileIdent {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
+        }
+    }
+}
+
+/// One column chunk a scan needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkReq {
+    /// Index into the plan's files.
+    pub file: u32,
+    /// Row group.
+    pub row_group: u32,
+    /// Root column index in the file's schema.
+    pub column: u32,
+    /// The column's name.
+    pub name: String,
+    /// Rows of the row group.
+    pub rows: u64,
+}
+
+/// What a caching scan worker says between Hello and Reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ScanUp {
+    /// The chunks the scan needs, after projection and row-group pruning.
+    Plan {
+        /// Its files.
+        files: Vec<FileIdent>,
+        /// Its chunks.
+        chunks: Vec<ChunkReq>,
+    },
+    /// The chunks of the last round's `decode`, as SIPC tables right after this message.
+    Decoded {
+        /// How many follow.
+        count: u32,
+    },
+    /// The scan failed (the same JSON as [`Reply::Failed`]).
+    Failed {
+        /// The user's mistake.
+        user: bool,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The agent's answer to a plan, or to the chunks decoded in the last round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Round {
+    /// Chunks (plan indices) given from the cache; one SIPC table each follows, in order.
+    pub give: Vec<u32>,
+    /// Chunks to decode and send back.
+    pub decode: Vec<u32>,
+    /// No round follows: after its decoded chunks, the worker assembles its output.
+    pub last: bool,
 }
 
 /// The worker's first message.

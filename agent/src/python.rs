@@ -273,7 +273,7 @@ impl PythonRuntime {
             }
         };
         let Prepared { cold: _, mut cg, watch, meter, ours, log_path, memory } = prepared;
-        let outcome = talk(ours, req, inputs, None, timeout, &mut cancel).await;
+        let outcome = talk(ours, req, inputs, None, None, timeout, &mut cancel).await;
         let oom = cg.oom_kills() > 0;
         let peak = cg.memory_peak();
         let outcome = match outcome {

@@ -119,6 +119,7 @@ pub async fn run_daemon(config: Config) -> Result<(), ServeError> {
     crate::warehouse::recover(&config.warehouse)?;
     let listener = bind(&config.socket, config.socket_mode)?;
     let socket = config.socket.clone();
+    crate::memory::init_agent_process(&config.memory);
     let agent = Agent::new(config);
     agent.pool.fill();
     let sipc = crate::sipc_socket::path_for(&socket);

@@ -95,6 +95,9 @@ pub struct NodeState {
     /// What the kernel counted for the function's process (null without telemetry, or for a
     /// node that did not succeed).
     pub kernel: Option<KernelFigures>,
+    /// Scans through the cache: chunks hit, chunks decoded, bytes decoded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::cache::ScanStats>,
     /// Failure, if any.
     pub error: Option<String>,
     /// Whose failure.
@@ -192,6 +195,7 @@ impl Run {
                 start: None,
                 memory_peak_bytes: None,
                 kernel: None,
+                cache: None,
                 error: None,
                 error_kind: None,
             })
@@ -312,6 +316,10 @@ pub struct Agent {
     pub python: Arc<crate::python::PythonRuntime>,
     /// Kernel-measured figures per function process.
     pub kernel: Arc<KernelTelemetry>,
+    /// Decoded Parquet column chunks shared by scans.
+    pub cache: Arc<crate::cache::Cache>,
+    /// The node's memory budget and admission control.
+    pub memory: Arc<crate::memory::Memory>,
 }
 
 impl Agent {
@@ -324,6 +332,8 @@ impl Agent {
             pool: crate::launch::Pool::new(config.idle_workers, kernel.clone()),
             python: crate::python::PythonRuntime::new(&config.python, kernel.clone()),
             kernel,
+            cache: crate::cache::Cache::new(&config.cache),
+            memory: Arc::new(crate::memory::Memory::new(&config.memory)),
             config,
             runs: Mutex::new(BTreeMap::new()),
             next_run: AtomicU64::new(1),

@@ -2,6 +2,7 @@
 //! tables from fd 3, runs the task, and answers with its output. The agent never parses table
 //! data itself; every scan, query and write happens here.
 
+mod cached;
 mod ipc;
 mod materialize;
 mod scan;
@@ -83,7 +84,7 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
         inputs.push((name.clone(), t));
     }
     // Inputs stay mapped until the process exits (and for QUIVER_DEBUG_STOP_NODE).
-    let answered = match run(&req, &inputs) {
+    let answered = match run(&req, &inputs, sock) {
         Ok(Output::Table(batches, schema)) => {
             let (batches, ipc_copied) = match req.edges {
                 Edges::Arena => (batches, 0),
@@ -153,8 +154,9 @@ fn restrict_files(req: &Request) -> Result<(), String> {
     }
 }
 
-fn run(req: &Request, inputs: &[(String, SipcRead)]) -> Result<Output, WorkError> {
+fn run(req: &Request, inputs: &[(String, SipcRead)], sock: BorrowedFd<'_>) -> Result<Output, WorkError> {
     match &req.task {
+        Task::Scan { path, columns, filter } if req.cache => cached::run(sock, path, columns.as_deref(), filter.as_ref()),
         Task::Scan { path, columns, filter } => scan::run(path, columns.as_deref(), filter.as_ref()),
         Task::Sql { sql } => sql::run(sql, inputs),
         Task::Materialize { table, .. } => {

@@ -17,7 +17,7 @@ use super::{Output, WorkError};
 use crate::filter::Filter;
 
 /// Rows per output batch: many batches let DuckDB scan with all its threads.
-const BATCH_ROWS: usize = 128 * 1024;
+pub(super) const BATCH_ROWS: usize = 128 * 1024;
 
 /// The Parquet files of `path`: itself, or the `*.parquet` files in it, sorted.
 pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, WorkError> {
@@ -87,18 +87,18 @@ pub fn run(path: &str, columns: Option<&[String]>, filter: Option<&Filter>) -> R
 }
 
 /// One unit of parallel work: one row group of one file.
-struct Item {
-    file: PathBuf,
-    meta: ArrowReaderMetadata,
-    row_group: usize,
+pub(super) struct Item {
+    pub(super) file: PathBuf,
+    pub(super) meta: ArrowReaderMetadata,
+    pub(super) row_group: usize,
     /// Columns to read (projection plus filter columns), as root indices.
-    read: Vec<usize>,
+    pub(super) read: Vec<usize>,
     /// Columns to keep, by name.
-    wanted: Vec<String>,
+    pub(super) wanted: Vec<String>,
 }
 
 /// Reads every file's footer once, checks the columns and prunes row groups by statistics.
-fn plan(path: &Path, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Vec<Item>, WorkError> {
+pub(super) fn plan(path: &Path, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Vec<Item>, WorkError> {
     let mut items = Vec::new();
     for file in parquet_files(path)? {
         let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", file.display()));
@@ -159,7 +159,7 @@ fn decode(item: &Item, filter: Option<&Filter>) -> Result<Vec<RecordBatch>, Work
     Ok(out)
 }
 
-fn project(b: &RecordBatch, wanted: &[String]) -> Result<RecordBatch, WorkError> {
+pub(super) fn project(b: &RecordBatch, wanted: &[String]) -> Result<RecordBatch, WorkError> {
     let idx: Vec<usize> = wanted.iter().map(|c| b.schema().index_of(c).map_err(WorkError::system)).collect::<Result<_, _>>()?;
     b.project(&idx).map_err(WorkError::system)
 }
