@@ -204,6 +204,8 @@ impl PythonRuntime {
         .await
         .map_err(|e| sys("zygote thread", &e))?
         .map_err(|e| NodeError::System(e.to_string()))?;
+        // Under memory pressure the kernel kills the function, not the agent.
+        crate::memory::mark_function(forked.pid);
         // The meter attaches (milliseconds) while the function confines itself, and before it
         // has its request, so every copy of its work is counted.
         let kernel = self.kernel.clone();

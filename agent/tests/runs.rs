@@ -121,6 +121,9 @@ fn failures_fail_only_their_run_and_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(a.fds(), fds0, "fds back to baseline");
+    // What is left is the deserialization cache's chunks (the first scan's trip_id column):
+    // dropped, nothing is held.
+    assert_eq!(a.call("DELETE", "/v1/cache", None).0, 200);
     assert_eq!(a.memfd_fds(), 0, "no segment held");
     let (_, m) = a.call("GET", "/metrics", None);
     assert!(m.contains("quiver_table_bytes 0\n"), "{m}");

@@ -6,12 +6,14 @@
 //! `cargo run --release -p quiver-bench -- envs [--wheels DIR] [--json]`
 //! `cargo run --release -p quiver-bench -- telemetry [--repeat 5] [--json]` (as root)
 //! `cargo run --release -p quiver-bench -- startup [--n 200] [--json]` (as root)
+//! `cargo run --release -p quiver-bench -- sharing [--k 1,2,4,8] [--json]` (as root, for peak memory)
 
 mod envs;
 mod handoff;
 mod pipeline;
 mod proc;
 mod scan;
+mod sharing;
 mod startup;
 mod table;
 mod telemetry;
@@ -40,6 +42,9 @@ enum Bench {
     /// What the eBPF telemetry costs: memcpy- and fault-heavy children with it off, watching
     /// them, and watching another cgroup.
     Telemetry(telemetry::Args),
+    /// K concurrent DAGs reading one 10M-trip input, the deserialization cache on and off:
+    /// throughput, peak memory, bytes decoded.
+    Sharing(sharing::Args),
     /// Function start with the full sandbox: cold, cold with pandas, forked from a warm zygote.
     Startup(startup::Args),
     /// The workload process of `telemetry` (started by it, not by hand).
@@ -56,6 +61,7 @@ fn main() -> Result<()> {
         Bench::Pipeline(a) => pipeline::run(a),
         Bench::Envs(a) => envs::run(a),
         Bench::Startup(a) => startup::run(a),
+        Bench::Sharing(a) => sharing::run(a),
         Bench::HandoffChild(a) => handoff::child(a),
         Bench::Telemetry(a) => telemetry::run(a),
         Bench::TelemetryChild(a) => telemetry::child(a),

@@ -75,18 +75,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(q) => q.clone(),
         None => build_quiver()?,
     };
-    let trips_dir = args.data.join(format!("trips-{}", args.trips)).join("trips");
-    let complete = trips_dir.with_file_name("complete");
-    if !complete.exists() {
-        eprintln!("generating {} trips in {}", args.trips, trips_dir.display());
-        let _ = std::fs::remove_dir_all(&trips_dir);
-        let ok = Command::new(&quiver)
-            .args(["gen-taxi", "--size", &format!("{}rows", args.trips), "--out"])
-            .arg(&trips_dir)
-            .status()?;
-        ensure!(ok.success(), "quiver gen-taxi failed");
-        std::fs::write(&complete, b"")?;
-    }
+    let trips_dir = trips(&quiver, &args.data, args.trips)?;
     let work = tempfile::Builder::new().prefix("quiver-pipeline-").tempdir()?;
     let project = make_project(work.path(), &trips_dir)?;
     let variants = args.variants.clone().unwrap_or_else(|| {
@@ -120,8 +109,23 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The `n`-trip input under `data` (generated once, kept between runs), with its page cache
+/// warmed so no variant pays the first read.
+pub(crate) fn trips(quiver: &Path, data: &Path, n: u64) -> Result<PathBuf> {
+    let trips_dir = data.join(format!("trips-{n}")).join("trips");
+    let complete = trips_dir.with_file_name("complete");
+    if !complete.exists() {
+        eprintln!("generating {n} trips in {}", trips_dir.display());
+        let _ = std::fs::remove_dir_all(&trips_dir);
+        let ok = Command::new(quiver).args(["gen-taxi", "--size", &format!("{n}rows"), "--out"]).arg(&trips_dir).status()?;
+        ensure!(ok.success(), "quiver gen-taxi failed");
+        std::fs::write(&complete, b"")?;
+    }
+    Ok(trips_dir)
+}
+
 /// Builds the release `quiver` binary next to this one and returns its path.
-fn build_quiver() -> Result<PathBuf> {
+pub(crate) fn build_quiver() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
         .args(["build", "--release", "-p", "quiver"])
@@ -365,15 +369,15 @@ fn print_tables(rows: &[Row], repeat: usize) {
 }
 
 /// A memory cgroup for one variant (v2 `memory.peak`, or v1 `memory.max_usage_in_bytes`).
-struct Cgroup {
+pub(crate) struct Cgroup {
     dir: PathBuf,
-    procs: PathBuf,
+    pub(crate) procs: PathBuf,
     peak_file: PathBuf,
-    source: &'static str,
+    pub(crate) source: &'static str,
 }
 
 impl Cgroup {
-    fn create(tag: &str) -> Option<Cgroup> {
+    pub(crate) fn create(tag: &str) -> Option<Cgroup> {
         let name = format!("quiver-bench-{}-{tag}", std::process::id());
         let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
         let (dir, peak, source) = if v2.exists() && std::fs::read_to_string(v2).is_ok_and(|c| c.contains("memory")) {
@@ -387,7 +391,7 @@ impl Cgroup {
         Some(Cgroup { procs: dir.join("cgroup.procs"), dir, peak_file: peak, source })
     }
 
-    fn peak(&self) -> u64 {
+    pub(crate) fn peak(&self) -> u64 {
         std::fs::read_to_string(&self.peak_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 }
