@@ -65,7 +65,9 @@ fn root_or_skip(test: &str) -> bool {
 fn metered_agent() -> (tempfile::TempDir, TestAgent) {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, "[telemetry]\ncopy_meter = true\n").expect("config");
+    // The cache off: every run's scan decodes its Parquet, so two runs' copies differ only by
+    // their edges (with the cache on, a later run's scan takes the chunks and copies nothing).
+    std::fs::write(&cfg, "[telemetry]\ncopy_meter = true\n[cache]\nenabled = false\n").expect("config");
     let a = TestAgent::start(&["--config", cfg.to_str().expect("utf8")]);
     (dir, a)
 }
