@@ -124,6 +124,9 @@ fn fork_worker(kernel: &KernelTelemetry) -> Result<Started, NodeError> {
     let exe = std::env::current_exe().map_err(|e| sys("finding the quiver binary", &e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("worker").stdin(Stdio::null());
+    // The worker raises its own OOM score first thing (no privilege needed), before it makes
+    // itself non-dumpable, which would keep a non-root agent from doing it.
+    cmd.env(crate::memory::OOM_ENV, crate::memory::function_oom_score_adj().to_string());
     let raw = theirs.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls: write moves the worker into
     // its watched cgroup before it runs anything; dup2 gives it its socket as fd 3;

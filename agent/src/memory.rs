@@ -335,6 +335,21 @@ pub fn raise_nofile() {
 
 static FUNCTION_OOM: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(900);
 
+/// The environment variable a worker reads its `oom_score_adj` from.
+pub const OOM_ENV: &str = "QUIVER_OOM_SCORE_ADJ";
+
+/// The functions' `oom_score_adj`.
+pub fn function_oom_score_adj() -> i32 {
+    FUNCTION_OOM.load(Ordering::Relaxed)
+}
+
+/// In a worker: sets its own `oom_score_adj` from [`OOM_ENV`], if the agent passed one.
+pub fn adopt_function_oom_score() {
+    if let Some(v) = std::env::var(OOM_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
+        let _ = set_oom_score_adj(v);
+    }
+}
+
 /// Gives a started function process the functions' high `oom_score_adj` (raising a score
 /// needs no privilege).
 pub fn mark_function(pid: i32) {

@@ -49,6 +49,8 @@ pub enum Output {
 pub fn main() -> i32 {
     // SAFETY: the agent passes the socket as fd 3; nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    // A function, not the agent, is what the OOM killer should pick.
+    crate::memory::adopt_function_oom_score();
     // Before any thread or input exists: what a decoder or DuckDB bug exploited by crafted
     // data could reach. Without it the worker does not run.
     if let Err(e) = quiver_sandbox::restrict_syscalls(false) {
