@@ -11,10 +11,6 @@ use std::time::{Duration, Instant};
 use common::{BIN, TestAgent, taxi};
 use serde_json::{Value, json};
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// An agent started with a configuration file holding `toml`.
 fn agent_with(toml: &str, extra: &[&str], env: &[(&str, &str)]) -> (TestAgent, tempfile::TempDir) {
     let d = tempfile::tempdir().expect("tempdir");
@@ -360,18 +356,12 @@ fn the_agent_keeps_a_low_oom_score_and_functions_a_high_one() {
     let (_, m) = a.call("GET", "/metrics", None);
     assert!(m.contains("quiver_function_pss_bytes{pid="), "{m}");
     assert!(m.contains("quiver_memory_budget_bytes"), "{m}");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(!in_ci(), "lowering oom_score_adj needs root, and CI runs as root");
-        eprintln!("skipped the agent's own score: lowering oom_score_adj needs root");
-        return;
+    // The agent is never the likelier victim: below every function whatever it may do, and
+    // at -900 where it may lower its score (CAP_SYS_RESOURCE; some VMs withhold it even from
+    // root, this one does, and there it keeps its inherited score).
+    let agent = score(a.pid());
+    assert!(agent <= 0, "the agent's score {agent} is not above the default");
+    if can_lower_oom_score() {
+        assert_eq!(agent, -900);
     }
-    if !can_lower_oom_score() {
-        // Some VMs withhold CAP_SYS_RESOURCE even from root (this one does); there the agent
-        // keeps its inherited score and says so in its log.
-        eprintln!("skipped the agent's own score: CAP_SYS_RESOURCE is not in this root's capabilities");
-        return;
-    }
-    assert_eq!(score(a.pid()), -900);
 }
