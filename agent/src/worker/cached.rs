@@ -19,7 +19,7 @@ use quiver_shm::sipc::{ReadOptions, SipcRead, TableWriter, read_table};
 use quiver_shm::transport::{RecvLimits, recv, send_table};
 use quiver_shm::{Arena, ArenaOptions};
 
-use super::scan::{BATCH_ROWS, Item, plan, project};
+use super::scan::{BATCH_ROWS, Collected, Item, plan, project};
 use super::{Output, WorkError};
 use crate::filter::Filter;
 use crate::proto::{ChunkReq, FileIdent, Round, ScanUp, recv_json, send_json};
@@ -179,8 +179,7 @@ fn assemble(items: &[Item], place: &[(usize, usize)], cols: Vec<Option<Vec<Array
     }
     // Filtered columns are new buffers: build them in an arena so they leave by reference.
     let out_arena = Arena::named("scan");
-    let mut out_schema: Option<SchemaRef> = None;
-    let mut batches = Vec::new();
+    let mut out = Collected::default();
     for (item, columns) in items.iter().zip(per_item) {
         let schema = Arc::new(item.meta.schema().project(&item.read).map_err(WorkError::system)?);
         for b in align(&schema, columns)? {
@@ -188,21 +187,10 @@ fn assemble(items: &[Item], place: &[(usize, usize)], cols: Vec<Option<Vec<Array
                 Some(f) => out_arena.scope(|| crate::filter::apply(f, &b)).map_err(WorkError::User)?,
                 None => b,
             };
-            let b = project(&b, &item.wanted)?;
-            match &out_schema {
-                None => out_schema = Some(b.schema()),
-                Some(s) if s.fields() != b.schema().fields() => {
-                    return Err(WorkError::User(format!("{} has a different schema than the files before it", item.file.display())));
-                }
-                Some(_) => {}
-            }
-            if b.num_rows() > 0 {
-                batches.push(b);
-            }
+            out.push(&item.file, project(&b, &item.wanted)?)?;
         }
     }
-    let schema = out_schema.unwrap_or_else(|| Arc::new(Schema::empty()));
-    Ok(Output::Table(batches, schema))
+    Ok(out.finish())
 }
 
 /// Zips columns whose arrays may be cut at different rows into batches, slicing at every cut.

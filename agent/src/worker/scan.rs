@@ -65,25 +65,44 @@ pub fn run(path: &str, columns: Option<&[String]>, filter: Option<&Filter>) -> R
             });
         }
     });
-    let mut out_schema: Option<SchemaRef> = None;
-    let mut batches = Vec::new();
+    let mut out = Collected::default();
     for (item, r) in items.iter().zip(results) {
         let Some(r) = r.into_inner().unwrap_or_else(|e| e.into_inner()) else { continue };
         for b in r? {
-            match &out_schema {
-                None => out_schema = Some(b.schema()),
-                Some(s) if s.fields() != b.schema().fields() => {
-                    return Err(WorkError::User(format!("{} has a different schema than the files before it", item.file.display())));
-                }
-                Some(_) => {}
-            }
-            if b.num_rows() > 0 {
-                batches.push(b);
-            }
+            out.push(&item.file, b)?;
         }
     }
-    let schema = out_schema.unwrap_or_else(|| Arc::new(Schema::empty()));
-    Ok(Output::Table(batches, schema))
+    Ok(out.finish())
+}
+
+/// A scan's output as it is assembled: every file must give the same schema; empty batches
+/// are dropped.
+#[derive(Default)]
+pub(super) struct Collected {
+    schema: Option<SchemaRef>,
+    batches: Vec<RecordBatch>,
+}
+
+impl Collected {
+    /// Adds a batch decoded from `file`.
+    pub(super) fn push(&mut self, file: &Path, b: RecordBatch) -> Result<(), WorkError> {
+        match &self.schema {
+            None => self.schema = Some(b.schema()),
+            Some(s) if s.fields() != b.schema().fields() => {
+                return Err(WorkError::User(format!("{} has a different schema than the files before it", file.display())));
+            }
+            Some(_) => {}
+        }
+        if b.num_rows() > 0 {
+            self.batches.push(b);
+        }
+        Ok(())
+    }
+
+    /// The output table.
+    pub(super) fn finish(self) -> Output {
+        Output::Table(self.batches, self.schema.unwrap_or_else(|| Arc::new(Schema::empty())))
+    }
 }
 
 /// One unit of parallel work: one row group of one file.
