@@ -79,20 +79,20 @@ struct Started {
     cgroup: Option<WorkerCgroup>,
 }
 
-type LaunchReply = (Arc<KernelTelemetry>, std::sync::mpsc::Sender<Result<Started, NodeError>>);
+type LaunchReply = (Arc<KernelTelemetry>, Option<Arc<OwnedFd>>, std::sync::mpsc::Sender<Result<Started, NodeError>>);
 
 /// Starts a worker from the launcher thread. Workers must be forked by a thread that lives as
 /// long as the agent: PR_SET_PDEATHSIG fires when the *thread* that forked a child exits, so a
 /// worker forked by a short-lived or pooled thread would be killed when that thread ends.
-fn start_worker(kernel: &Arc<KernelTelemetry>) -> Result<Started, NodeError> {
+fn start_worker(kernel: &Arc<KernelTelemetry>, netns: &Option<Arc<OwnedFd>>) -> Result<Started, NodeError> {
     static LAUNCHER: OnceLock<Option<std::sync::mpsc::Sender<LaunchReply>>> = OnceLock::new();
     let launcher = LAUNCHER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<LaunchReply>();
         std::thread::Builder::new()
             .name("quiver-launcher".into())
             .spawn(move || {
-                for (kernel, reply) in rx {
-                    let _ = reply.send(fork_worker(&kernel));
+                for (kernel, netns, reply) in rx {
+                    let _ = reply.send(fork_worker(&kernel, netns.as_deref()));
                 }
             })
             .ok()
@@ -100,7 +100,7 @@ fn start_worker(kernel: &Arc<KernelTelemetry>) -> Result<Started, NodeError> {
     });
     let gone = || NodeError::System("the worker launcher thread is gone".into());
     let (tx, rx) = std::sync::mpsc::channel();
-    launcher.as_ref().ok_or_else(gone)?.send((kernel.clone(), tx)).map_err(|_| gone())?;
+    launcher.as_ref().ok_or_else(gone)?.send((kernel.clone(), netns.clone(), tx)).map_err(|_| gone())?;
     let mut w = rx.recv().map_err(|_| gone())??;
     // Attaching the copy meter takes milliseconds: here, not on the launcher thread, which
     // other launches wait for.
@@ -110,9 +110,12 @@ fn start_worker(kernel: &Arc<KernelTelemetry>) -> Result<Started, NodeError> {
     Ok(w)
 }
 
+/// Where a worker finds the empty network namespace to join.
+const NETNS_FD: i32 = 4;
+
 /// Forks and execs a `quiver worker` fed over a socketpair on its fd 3, in its own process
 /// group and, with telemetry, its own watched cgroup (on the launcher thread).
-fn fork_worker(kernel: &KernelTelemetry) -> Result<Started, NodeError> {
+fn fork_worker(kernel: &KernelTelemetry, netns: Option<&OwnedFd>) -> Result<Started, NodeError> {
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
     let cgroup = kernel.worker_cgroup().map_err(NodeError::System)?;
     let procs = match &cgroup {
@@ -128,10 +131,15 @@ fn fork_worker(kernel: &KernelTelemetry) -> Result<Started, NodeError> {
     // itself non-dumpable, which would keep a non-root agent from doing it.
     cmd.env(crate::memory::OOM_ENV, crate::memory::function_oom_score_adj().to_string());
     let raw = theirs.as_raw_fd();
+    let net = netns.map(|n| n.as_raw_fd());
+    if net.is_some() {
+        cmd.env(crate::worker::NETNS_FD_ENV, NETNS_FD.to_string());
+    }
     // SAFETY: between fork and exec only async-signal-safe calls: write moves the worker into
-    // its watched cgroup before it runs anything; dup2 gives it its socket as fd 3;
-    // setpgid(0, 0) puts it in its own process group so a kill reaches any process it starts;
-    // PR_SET_PDEATHSIG kills it if the agent dies.
+    // its watched cgroup before it runs anything; fcntl and dup2 give it its socket as fd 3 and
+    // the empty network namespace as fd 4 (through copies above 10, so that neither source can
+    // be one of the targets); setpgid(0, 0) puts it in its own process group so a kill reaches
+    // any process it starts; PR_SET_PDEATHSIG kills it if the agent dies.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = procs_fd
@@ -139,7 +147,12 @@ fn fork_worker(kernel: &KernelTelemetry) -> Result<Started, NodeError> {
             {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::dup2(raw, 3) < 0 || libc::setpgid(0, 0) < 0 {
+            let sock = libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 10);
+            let ns = net.map(|n| libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 10));
+            if sock < 0 || ns.is_some_and(|n| n < 0) || libc::dup2(sock, 3) < 0 || ns.is_some_and(|n| libc::dup2(n, NETNS_FD) < 0) {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setpgid(0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -159,21 +172,23 @@ pub struct Pool {
     idle: Mutex<Vec<Started>>,
     target: usize,
     kernel: Arc<KernelTelemetry>,
+    /// The empty network namespace workers join (None without root).
+    netns: Option<Arc<OwnedFd>>,
     /// Set by `drain`: no more workers are started.
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
     /// A pool that keeps `target` workers waiting (filled by [`Pool::fill`]).
-    pub fn new(target: usize, kernel: Arc<KernelTelemetry>) -> Arc<Pool> {
-        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, kernel, closed: Default::default() })
+    pub fn new(target: usize, kernel: Arc<KernelTelemetry>, netns: Option<Arc<OwnedFd>>) -> Arc<Pool> {
+        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, kernel, netns, closed: Default::default() })
     }
 
     /// Starts workers until `target` wait (blocking: a fork and exec each).
     pub fn fill(&self) {
         let closed = || self.closed.load(std::sync::atomic::Ordering::Acquire);
         while !closed() && self.idle.lock().unwrap_or_else(|e| e.into_inner()).len() < self.target {
-            match start_worker(&self.kernel) {
+            match start_worker(&self.kernel, &self.netns) {
                 Ok(w) => {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     if idle.len() < self.target && !closed() {
@@ -240,8 +255,8 @@ pub async fn run_worker(
     let w = match pool.take() {
         Some(w) => w,
         None => {
-            let kernel = pool.kernel.clone();
-            tokio::task::spawn_blocking(move || start_worker(&kernel)).await.map_err(|e| sys("starting the worker", &e))??
+            let (kernel, netns) = (pool.kernel.clone(), pool.netns.clone());
+            tokio::task::spawn_blocking(move || start_worker(&kernel, &netns)).await.map_err(|e| sys("starting the worker", &e))??
         }
     };
     let Started { child, sock: ours, cgroup } = w;

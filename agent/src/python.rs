@@ -64,7 +64,7 @@ pub fn default_harness() -> PathBuf {
 impl PythonRuntime {
     /// Prepares the store and the zygote pool; what needs privileges (the empty network
     /// namespace, cgroups) is tried here and reported per call when it failed.
-    pub fn new(cfg: &PythonConfig, kernel: Arc<KernelTelemetry>) -> Arc<PythonRuntime> {
+    pub fn new(cfg: &PythonConfig, kernel: Arc<KernelTelemetry>, netns: Option<Arc<OwnedFd>>) -> Arc<PythonRuntime> {
         let store = Store::open(StoreOptions {
             root: cfg.envs.clone(),
             cache: cfg.uv_cache.clone(),
@@ -74,13 +74,6 @@ impl PythonRuntime {
             ..StoreOptions::default()
         })
         .map_err(|e| e.to_string());
-        let netns = match quiver_sandbox::netns::empty() {
-            Ok(fd) => Some(Arc::new(fd)),
-            Err(e) => {
-                tracing::warn!(error = %e, "no empty network namespace: Python functions cannot run");
-                None
-            }
-        };
         let harness = cfg.harness.clone().unwrap_or_else(default_harness);
         let preload = cfg.preload.clone().unwrap_or_else(|| beside_exe("libquiver_preload.so"));
         let opts = ZygoteOptions {

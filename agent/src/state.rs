@@ -327,10 +327,19 @@ impl Agent {
     pub fn new(config: Config) -> Arc<Agent> {
         let (stopping, _) = watch::channel(false);
         let kernel = Arc::new(KernelTelemetry::start(&config.telemetry));
+        // One empty network namespace, prepared once (creating one per call is slow), that
+        // every function process joins unless it may use the network.
+        let netns = match quiver_sandbox::netns::empty() {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no empty network namespace (needs root): Python functions cannot run, native workers keep the host's");
+                None
+            }
+        };
         Arc::new(Agent {
             slots: crate::slots::Slots::new(config.max_parallel),
-            pool: crate::launch::Pool::new(config.idle_workers, kernel.clone()),
-            python: crate::python::PythonRuntime::new(&config.python, kernel.clone()),
+            pool: crate::launch::Pool::new(config.idle_workers, kernel.clone(), netns.clone()),
+            python: crate::python::PythonRuntime::new(&config.python, kernel.clone(), netns),
             kernel,
             cache: crate::cache::Cache::new(&config.cache),
             memory: Arc::new(crate::memory::Memory::new(&config.memory)),

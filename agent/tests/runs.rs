@@ -235,6 +235,13 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
         let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
         assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}:\n{status}");
         assert_eq!(field("Seccomp:"), "2", "worker {pid} runs under a seccomp filter:\n{status}");
+        // As root, away from the agent's network, IPC and UTS namespaces.
+        if nix::unistd::Uid::effective().is_root() {
+            for ns in ["net", "ipc", "uts"] {
+                let of = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).expect("ns link");
+                assert_ne!(of(pid), of(a.pid()), "worker {pid} shares the agent's {ns} namespace");
+            }
+        }
     }
     // And they still do their work.
     let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},

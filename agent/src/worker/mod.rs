@@ -10,7 +10,7 @@ mod scan;
 pub use scan::parquet_files;
 mod sql;
 
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
@@ -53,6 +53,10 @@ pub fn main() -> i32 {
     crate::memory::adopt_function_oom_score();
     // Before any thread or input exists: what a decoder or DuckDB bug exploited by crafted
     // data could reach. Without it the worker does not run.
+    if let Err(e) = isolate() {
+        eprintln!("quiver worker: cannot leave the host's namespaces: {e}");
+        return 2;
+    }
     if let Err(e) = quiver_sandbox::restrict_syscalls(false) {
         eprintln!("quiver worker: cannot restrict its system calls: {e}");
         return 2;
@@ -65,6 +69,29 @@ pub fn main() -> i32 {
             2
         }
     }
+}
+
+/// The environment variable that names the fd of the empty network namespace a worker joins.
+pub const NETNS_FD_ENV: &str = "QUIVER_NETNS_FD";
+
+/// Joins the agent's empty network namespace (no interface, no abstract Unix socket of the
+/// host) when the agent passed one, and, as root, new IPC and UTS namespaces. The seccomp
+/// filter installed next refuses both calls from then on.
+fn isolate() -> Result<(), String> {
+    if let Some(fd) = std::env::var(NETNS_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
+        // SAFETY: the agent passed this fd for this purpose and nothing else in the process
+        // owns it; it is closed right after.
+        let ns = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: setns takes an fd and flags and has no memory effects.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("joining the empty network namespace: {}", std::io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: geteuid has no preconditions; unshare takes flags and has no memory effects.
+    if unsafe { libc::geteuid() } == 0 && unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
+        return Err(format!("unshare(ipc, uts): {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
