@@ -235,12 +235,16 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
         let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
         assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}:\n{status}");
         assert_eq!(field("Seccomp:"), "2", "worker {pid} runs under a seccomp filter:\n{status}");
-        // As root, away from the agent's network, IPC and UTS namespaces.
+        // As root, away from the agent's network, IPC and UTS namespaces (an unprivileged
+        // agent cannot make them: skipped on a laptop, a failure under CI, which runs as root).
         if nix::unistd::Uid::effective().is_root() {
             for ns in ["net", "ipc", "uts"] {
                 let of = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).expect("ns link");
                 assert_ne!(of(pid), of(a.pid()), "worker {pid} shares the agent's {ns} namespace");
             }
+        } else {
+            assert!(!common::in_ci(), "the namespace checks need root (CI=true: failing instead of skipping)");
+            eprintln!("SKIP the workers' namespaces: needs root");
         }
     }
     // And they still do their work.

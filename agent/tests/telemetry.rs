@@ -7,12 +7,8 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{TestAgent, taxi};
+use common::{TestAgent, in_ci, taxi};
 use serde_json::{Value, json};
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()

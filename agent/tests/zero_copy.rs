@@ -9,12 +9,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::{Duration, Instant};
 
-use common::{TestAgent, taxi};
+use common::{TestAgent, in_ci, taxi};
 use serde_json::json;
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
 
 /// One memfd mapping of a process, from /proc/PID/maps.
 struct Map {
