@@ -255,6 +255,12 @@ async fn start(agent: Arc<Agent>, run: Arc<Run>, i: usize, inputs: Vec<TableRef>
     Metrics::add(&agent.metrics.workers_started, 1);
     let staging = matches!(node.task, Task::Materialize { .. })
         .then(|| warehouse::staging(&agent.config.warehouse, &run.id, &node.name));
+    // The worker cannot create it: it sees none of the host's folders.
+    if let Some(dir) = &staging
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        return (i, run.ms() - started, Err(NodeError::System(format!("creating the staging folder {}: {e}", dir.display()))));
+    }
     let req = Request {
         run: run.id.clone(),
         node: node.name.clone(),

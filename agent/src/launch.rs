@@ -79,20 +79,67 @@ struct Started {
     cgroup: Option<WorkerCgroup>,
 }
 
-type LaunchReply = (Arc<KernelTelemetry>, Option<Arc<OwnedFd>>, std::sync::mpsc::Sender<Result<Started, NodeError>>);
+/// How native workers are started: what they are counted by and what they enter.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Telemetry: each worker's watched cgroup and copy meter.
+    pub kernel: Arc<KernelTelemetry>,
+    /// The empty network namespace workers join (None without root).
+    pub netns: Option<Arc<OwnedFd>>,
+    /// The sandbox workers enter, as the JSON of a [`quiver_sandbox::Spec`] (None without
+    /// root: workers then keep the host's root and user, confined by seccomp and landlock).
+    pub sandbox: Option<Arc<str>>,
+}
+
+/// The empty folder each function process mounts its new root on (inside its own mount
+/// namespace, so they never see each other's).
+pub const SANDBOX_ROOT: &str = "/run/quiver/sandbox";
+
+impl Setup {
+    /// The sandbox native workers enter when the agent runs as root: nothing of the host but
+    /// the time zones, a private /tmp of `[python] tmp_bytes`, running as `[python] uid`/`gid`.
+    /// None for an unprivileged agent, which cannot make namespaces.
+    pub fn worker_sandbox(cfg: &crate::config::PythonConfig) -> Result<Option<Arc<str>>, String> {
+        if !nix::unistd::Uid::effective().is_root() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(SANDBOX_ROOT).map_err(|e| format!("creating {SANDBOX_ROOT}: {e}"))?;
+        let binds = ["/usr/share/zoneinfo", "/etc/localtime"]
+            .into_iter()
+            .filter(|p| std::fs::symlink_metadata(p).is_ok())
+            .map(quiver_sandbox::Bind::ro)
+            .collect();
+        let spec = quiver_sandbox::Spec {
+            root: PathBuf::from(SANDBOX_ROOT),
+            binds,
+            tmp_bytes: cfg.tmp_bytes,
+            uid: cfg.uid,
+            gid: cfg.gid,
+            hostname: "quiver".into(),
+            limits: quiver_sandbox::Limits::default(),
+            keep_fds: Vec::new(),
+            network: false,
+            workdir: PathBuf::from("/tmp"),
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        serde_json::to_string(&spec).map(|s| Some(s.into())).map_err(|e| e.to_string())
+    }
+}
+
+type LaunchReply = (Setup, std::sync::mpsc::Sender<Result<Started, NodeError>>);
 
 /// Starts a worker from the launcher thread. Workers must be forked by a thread that lives as
 /// long as the agent: PR_SET_PDEATHSIG fires when the *thread* that forked a child exits, so a
 /// worker forked by a short-lived or pooled thread would be killed when that thread ends.
-fn start_worker(kernel: &Arc<KernelTelemetry>, netns: &Option<Arc<OwnedFd>>) -> Result<Started, NodeError> {
+fn start_worker(setup: &Setup) -> Result<Started, NodeError> {
     static LAUNCHER: OnceLock<Option<std::sync::mpsc::Sender<LaunchReply>>> = OnceLock::new();
     let launcher = LAUNCHER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<LaunchReply>();
         std::thread::Builder::new()
             .name("quiver-launcher".into())
             .spawn(move || {
-                for (kernel, netns, reply) in rx {
-                    let _ = reply.send(fork_worker(&kernel, netns.as_deref()));
+                for (setup, reply) in rx {
+                    let _ = reply.send(fork_worker(&setup));
                 }
             })
             .ok()
@@ -100,14 +147,35 @@ fn start_worker(kernel: &Arc<KernelTelemetry>, netns: &Option<Arc<OwnedFd>>) -> 
     });
     let gone = || NodeError::System("the worker launcher thread is gone".into());
     let (tx, rx) = std::sync::mpsc::channel();
-    launcher.as_ref().ok_or_else(gone)?.send((kernel.clone(), netns.clone(), tx)).map_err(|_| gone())?;
+    launcher.as_ref().ok_or_else(gone)?.send((setup.clone(), tx)).map_err(|_| gone())?;
     let mut w = rx.recv().map_err(|_| gone())??;
     // Attaching the copy meter takes milliseconds: here, not on the launcher thread, which
-    // other launches wait for.
-    if let Some(cg) = &mut w.cgroup {
-        cg.meter(kernel, w.child.id());
+    // other launches wait for. A sandboxed worker's work is done by the child it forks into
+    // its pid namespace.
+    if let Some(cg) = &mut w.cgroup
+        && setup.kernel.metering()
+    {
+        let pid = w.child.id();
+        let target = if setup.sandbox.is_some() { namespace_child(pid) } else { Some(pid) };
+        match target {
+            Some(p) => cg.meter(&setup.kernel, p),
+            None => tracing::warn!(pid, "the sandboxed worker did not fork its child in time: no copy meter"),
+        }
     }
     Ok(w)
+}
+
+/// The process a sandboxed worker `pid` forked into its new pid namespace, once it exists.
+fn namespace_child(pid: u32) -> Option<u32> {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        if let Some(c) = children.split_whitespace().next().and_then(|c| c.parse().ok()) {
+            return Some(c);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
 }
 
 /// Where a worker finds the empty network namespace to join.
@@ -115,9 +183,9 @@ const NETNS_FD: i32 = 4;
 
 /// Forks and execs a `quiver worker` fed over a socketpair on its fd 3, in its own process
 /// group and, with telemetry, its own watched cgroup (on the launcher thread).
-fn fork_worker(kernel: &KernelTelemetry, netns: Option<&OwnedFd>) -> Result<Started, NodeError> {
+fn fork_worker(setup: &Setup) -> Result<Started, NodeError> {
     let sys = |what: &str, e: &dyn std::fmt::Display| NodeError::System(format!("{what}: {e}"));
-    let cgroup = kernel.worker_cgroup().map_err(NodeError::System)?;
+    let cgroup = setup.kernel.worker_cgroup().map_err(NodeError::System)?;
     let procs = match &cgroup {
         Some(cg) => Some(std::fs::OpenOptions::new().write(true).open(cg.procs()).map_err(|e| sys("opening the worker's cgroup", &e))?),
         None => None,
@@ -131,9 +199,12 @@ fn fork_worker(kernel: &KernelTelemetry, netns: Option<&OwnedFd>) -> Result<Star
     // itself non-dumpable, which would keep a non-root agent from doing it.
     cmd.env(crate::memory::OOM_ENV, crate::memory::function_oom_score_adj().to_string());
     let raw = theirs.as_raw_fd();
-    let net = netns.map(|n| n.as_raw_fd());
+    let net = setup.netns.as_ref().map(|n| n.as_raw_fd());
     if net.is_some() {
         cmd.env(crate::worker::NETNS_FD_ENV, NETNS_FD.to_string());
+    }
+    if let Some(spec) = &setup.sandbox {
+        cmd.env(crate::worker::SANDBOX_ENV, &**spec);
     }
     // SAFETY: between fork and exec only async-signal-safe calls: write moves the worker into
     // its watched cgroup before it runs anything; fcntl and dup2 give it its socket as fd 3 and
@@ -171,24 +242,22 @@ fn fork_worker(kernel: &KernelTelemetry, netns: Option<&OwnedFd>) -> Result<Star
 pub struct Pool {
     idle: Mutex<Vec<Started>>,
     target: usize,
-    kernel: Arc<KernelTelemetry>,
-    /// The empty network namespace workers join (None without root).
-    netns: Option<Arc<OwnedFd>>,
+    setup: Setup,
     /// Set by `drain`: no more workers are started.
     closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
     /// A pool that keeps `target` workers waiting (filled by [`Pool::fill`]).
-    pub fn new(target: usize, kernel: Arc<KernelTelemetry>, netns: Option<Arc<OwnedFd>>) -> Arc<Pool> {
-        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, kernel, netns, closed: Default::default() })
+    pub fn new(target: usize, setup: Setup) -> Arc<Pool> {
+        Arc::new(Pool { idle: Mutex::new(Vec::new()), target, setup, closed: Default::default() })
     }
 
     /// Starts workers until `target` wait (blocking: a fork and exec each).
     pub fn fill(&self) {
         let closed = || self.closed.load(std::sync::atomic::Ordering::Acquire);
         while !closed() && self.idle.lock().unwrap_or_else(|e| e.into_inner()).len() < self.target {
-            match start_worker(&self.kernel, &self.netns) {
+            match start_worker(&self.setup) {
                 Ok(w) => {
                     let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
                     if idle.len() < self.target && !closed() {
@@ -255,8 +324,8 @@ pub async fn run_worker(
     let w = match pool.take() {
         Some(w) => w,
         None => {
-            let (kernel, netns) = (pool.kernel.clone(), pool.netns.clone());
-            tokio::task::spawn_blocking(move || start_worker(&kernel, &netns)).await.map_err(|e| sys("starting the worker", &e))??
+            let setup = pool.setup.clone();
+            tokio::task::spawn_blocking(move || start_worker(&setup)).await.map_err(|e| sys("starting the worker", &e))??
         }
     };
     let Started { child, sock: ours, cgroup } = w;
@@ -293,11 +362,18 @@ pub async fn run_worker(
     .map_err(|e| sys("waiting for the worker", &e))?;
     crate::children::unregister(pid);
     match err {
-        NodeError::System(m) if status.signal().is_some() => {
-            Err(NodeError::System(format!("worker killed by signal {} ({m})", status.signal().unwrap_or(0))))
+        NodeError::System(m) if killed_by(status).is_some() => {
+            Err(NodeError::System(format!("worker killed by signal {} ({m})", killed_by(status).unwrap_or(0))))
         }
         e => Err(e),
     }
+}
+
+/// The signal that ended a worker: its own, or, for a sandboxed worker, its namespace child's,
+/// which the waiting parent passes on as exit status 128 + signal (a worker itself exits with
+/// 0 or 2).
+fn killed_by(status: std::process::ExitStatus) -> Option<i32> {
+    status.signal().or_else(|| status.code().filter(|&c| c > 128).map(|c| c - 128))
 }
 
 /// The conversation with a started function process on `ours`, within `timeout` and until

@@ -24,10 +24,6 @@ use crate::plan::{Node, Task, ValidPlan};
 use crate::proto::Request;
 use crate::telemetry::KernelTelemetry;
 
-/// Where sandboxes are built (an empty folder; each function mounts over it in its own mount
-/// namespace).
-const SANDBOX_ROOT: &str = "/run/quiver/sandbox";
-
 /// Everything Python nodes need, made once per agent.
 pub struct PythonRuntime {
     cfg: PythonConfig,
@@ -143,7 +139,7 @@ impl PythonRuntime {
         let folder: Vec<&Path> = module.parent().filter(|p| *p != Path::new("/")).into_iter().collect();
         let binds = quiver_envs::binds(env, &self.harness, &self.preload, &folder);
         Spec {
-            root: PathBuf::from(SANDBOX_ROOT),
+            root: PathBuf::from(crate::launch::SANDBOX_ROOT),
             binds,
             tmp_bytes: self.cfg.tmp_bytes,
             uid: self.cfg.uid,
@@ -180,7 +176,7 @@ impl PythonRuntime {
         let log = open_log(&log_path).map_err(|e| sys("opening the node's log", &e))?;
         let (ours, theirs) = quiver_shm::transport::socketpair().map_err(|e| sys("socketpair", &e))?;
         let sandbox = serde_json::to_value(self.sandbox(&env, Path::new(&task.module), task.internet_access)).map_err(|e| sys("sandbox spec", &e))?;
-        fs::create_dir_all(SANDBOX_ROOT).map_err(|e| sys("creating the sandbox mount point", &e))?;
+        fs::create_dir_all(crate::launch::SANDBOX_ROOT).map_err(|e| sys("creating the sandbox mount point", &e))?;
         let procs = cg.procs_files().map_err(|e| sys("cgroup", &e))?;
         let me = self.clone();
         let network = task.internet_access;

@@ -336,9 +336,16 @@ impl Agent {
                 None
             }
         };
+        let sandbox = match crate::launch::Setup::worker_sandbox(&config.python) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "native workers cannot enter the sandbox: they keep the host's root and user");
+                None
+            }
+        };
         Arc::new(Agent {
             slots: crate::slots::Slots::new(config.max_parallel),
-            pool: crate::launch::Pool::new(config.idle_workers, kernel.clone(), netns.clone()),
+            pool: crate::launch::Pool::new(config.idle_workers, crate::launch::Setup { kernel: kernel.clone(), netns: netns.clone(), sandbox }),
             python: crate::python::PythonRuntime::new(&config.python, kernel.clone(), netns),
             kernel,
             cache: crate::cache::Cache::new(&config.cache),

@@ -126,6 +126,11 @@ impl KernelTelemetry {
         t.watch(dir, !network).map(Some).map_err(|e| format!("watching the function's cgroup: {e}"))
     }
 
+    /// Whether the copy meter is on.
+    pub fn metering(&self) -> bool {
+        self.telemetry.is_some() && self.status.copy_meter
+    }
+
     /// Meters the copies of process `pid` when the copy meter is on. Attaching takes
     /// milliseconds; a failure (the process already exited) only loses its copy figures.
     pub fn meter(&self, pid: u32) -> Option<CopyMeter> {

@@ -235,19 +235,57 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
         let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
         assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}:\n{status}");
         assert_eq!(field("Seccomp:"), "2", "worker {pid} runs under a seccomp filter:\n{status}");
-        // As root, away from the agent's network, IPC and UTS namespaces (an unprivileged
-        // agent cannot make them: skipped on a laptop, a failure under CI, which runs as root).
+        // As root, in the sandbox: away from every namespace of the agent, in a root holding
+        // nothing of the host's, and no longer root once its request has named its files (an
+        // unprivileged agent cannot do this: skipped on a laptop, a failure under CI, which
+        // runs as root).
         if nix::unistd::Uid::effective().is_root() {
-            for ns in ["net", "ipc", "uts"] {
+            for ns in ["mnt", "pid", "net", "ipc", "uts"] {
                 let of = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).expect("ns link");
                 assert_ne!(of(pid), of(a.pid()), "worker {pid} shares the agent's {ns} namespace");
             }
+            assert_eq!(field("NSpid:").split_whitespace().last(), Some("1"), "the first process of its pid namespace:\n{status}");
+            let root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+                .expect("its root")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            for entry in &root {
+                assert!(["proc", "dev", "tmp", "usr", "etc"].contains(&entry.as_str()), "worker {pid} sees /{entry}: {root:?}");
+            }
+            // The time zones alone, read-only.
+            let etc: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/etc")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            assert!(etc.iter().all(|n| n == "localtime"), "{etc:?}");
+            let usr: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/usr")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+            assert!(usr.iter().all(|n| n == "share"), "{usr:?}");
         } else {
             assert!(!common::in_ci(), "the namespace checks need root (CI=true: failing instead of skipping)");
             eprintln!("SKIP the workers' namespaces: needs root");
         }
     }
-    // And they still do their work.
+    // And they still do their work, as the unprivileged user once they have their request.
+    let (s, sub) = a.json("POST", "/v1/runs", Some(&json!({"nodes": [{"name": "busy", "kind": "sql", "sql": "SELECT sum(range) AS s FROM range(3000000000)"}]}).to_string()));
+    assert_eq!(s, 201, "{sub}");
+    let t0 = Instant::now();
+    let busy = loop {
+        if let Some(p) = a.worker("busy") {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the worker never took its request");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // The name is set just before the request's files are opened and root is dropped.
+    let t0 = Instant::now();
+    let uid = || {
+        let status = std::fs::read_to_string(format!("/proc/{busy}/status")).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default()
+    };
+    while uid().first().is_some_and(|u| u == "0") && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if nix::unistd::Uid::effective().is_root() {
+        assert_eq!(uid(), ["65534"; 4], "the worker runs as nobody (real, effective, saved, fs)");
+    }
+    assert_eq!(a.call("POST", &format!("/v1/runs/{}/cancel", sub["id"].as_str().expect("id")), None).0, 202);
     let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},
                                   {"name": "q", "kind": "sql", "parents": ["t"], "sql": "SELECT count(*) AS n FROM t"}]}));
     assert_eq!(v["status"], "succeeded", "{v}");
@@ -257,12 +295,20 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
 fn a_query_cannot_read_or_write_files_beyond_its_task() {
     let a = TestAgent::start(&[]);
     // DuckDB can read and write files from SQL: the worker's landlock rules stop it.
-    for sql in ["SELECT content FROM read_text('/etc/shadow')", "COPY (SELECT 1 AS x) TO '/etc/quiver-escape.csv'"] {
-        let v = a.run(&json!({"nodes": [{"name": "q", "kind": "sql", "sql": sql}]}));
-        assert_eq!(v["status"], "failed", "{sql}: {v}");
+    // Inside the sandbox the host's /etc is not there at all (DuckDB's read_text then matches
+    // no file and returns no row); an unprivileged agent's workers are stopped by landlock.
+    let v = a.run(&json!({"nodes": [{"name": "q", "kind": "sql", "sql": "SELECT content FROM read_text('/etc/shadow')"}]}));
+    if v["status"] == "succeeded" {
+        assert_eq!(v["nodes"][0]["rows"], 0, "{v}");
+    } else {
         let e = v["nodes"][0]["error"].as_str().unwrap_or("");
-        assert!(e.contains("ermission"), "{sql}: {e}");
+        assert!(e.contains("ermission"), "{e}");
     }
+    let sql = "COPY (SELECT 1 AS x) TO '/etc/quiver-escape.csv'";
+    let v = a.run(&json!({"nodes": [{"name": "q", "kind": "sql", "sql": sql}]}));
+    assert_eq!(v["status"], "failed", "{sql}: {v}");
+    let e = v["nodes"][0]["error"].as_str().unwrap_or("");
+    assert!(["ermission", "No such file", "Read-only"].iter().any(|m| e.contains(m)), "{sql}: {e}");
     assert!(!std::path::Path::new("/etc/quiver-escape.csv").exists());
     // Its own work still runs, and a scan still reads its source.
     let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},

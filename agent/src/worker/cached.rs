@@ -5,9 +5,8 @@
 //! Only the filter, when there is one, writes new buffers.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::fd::BorrowedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -20,27 +19,28 @@ use quiver_shm::transport::{RecvLimits, recv, send_table};
 use quiver_shm::{Arena, ArenaOptions};
 
 use super::scan::{BATCH_ROWS, Collected, Item, plan, project};
+use super::source::Source;
 use super::{Output, WorkError};
 use crate::filter::Filter;
 use crate::proto::{ChunkReq, FileIdent, Round, ScanUp, recv_json, send_json};
 
 /// Runs a scan through the cache on the agent's socket.
-pub fn run(sock: BorrowedFd<'_>, path: &str, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Output, WorkError> {
+pub fn run(sock: BorrowedFd<'_>, sources: &[Source], columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Output, WorkError> {
     let proto = |e: quiver_shm::ShmError| WorkError::System(format!("agent connection: {e}"));
-    let items = plan(Path::new(path), columns, filter)?;
+    let items = plan(sources, columns, filter)?;
     let mut files: Vec<FileIdent> = Vec::new();
     let mut file_idx: HashMap<PathBuf, u32> = HashMap::new();
     // Which item and which of its read columns each chunk is.
     let mut chunks: Vec<ChunkReq> = Vec::new();
     let mut place: Vec<(usize, usize)> = Vec::new();
     for (ii, item) in items.iter().enumerate() {
-        let fi = match file_idx.get(&item.file) {
+        let path = &item.source.path;
+        let fi = match file_idx.get(path) {
             Some(&i) => i,
             None => {
-                let f = File::open(&item.file).map_err(|e| WorkError::User(format!("{}: {e}", item.file.display())))?;
-                let m = f.metadata().map_err(WorkError::system)?;
-                files.push(FileIdent::of(&item.file, &m));
-                file_idx.insert(item.file.clone(), files.len() as u32 - 1);
+                let m = item.source.metadata().map_err(|e| WorkError::User(format!("{}: {e}", path.display())))?;
+                files.push(FileIdent::of(path, &m));
+                file_idx.insert(path.clone(), files.len() as u32 - 1);
                 files.len() as u32 - 1
             }
         };
@@ -145,11 +145,11 @@ fn decode_all(
 
 /// Decodes one column of one row group into a fresh arena sized for it.
 fn decode_chunk(item: &Item, col: usize, ident: &FileIdent) -> Result<(Arena, Vec<RecordBatch>), WorkError> {
-    let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", item.file.display()));
-    let f = File::open(&item.file).map_err(|e| user(&e))?;
-    let same = |f: &File| f.metadata().is_ok_and(|m| FileIdent::of(&item.file, &m) == *ident);
-    if !same(&f) {
-        return Err(WorkError::User(format!("{} changed during the scan (run it again)", item.file.display())));
+    let path = &item.source.path;
+    let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", path.display()));
+    let same = || item.source.metadata().is_ok_and(|m| FileIdent::of(path, &m) == *ident);
+    if !same() {
+        return Err(WorkError::User(format!("{} changed during the scan (run it again)", path.display())));
     }
     let pq = item.meta.metadata();
     let schema = item.meta.parquet_schema();
@@ -157,15 +157,15 @@ fn decode_chunk(item: &Item, col: usize, ident: &FileIdent) -> Result<(Arena, Ve
     let est: i64 = (0..rg.num_columns()).filter(|&l| schema.get_column_root_idx(l) == col).map(|l| rg.column(l).uncompressed_size()).sum();
     let first = (est.max(0) as u64 * 5 / 4 + (64 << 10)).next_power_of_two().clamp(1 << 20, 256 << 20);
     let arena = Arena::new(ArenaOptions { name: "qcache".into(), first_chunk: first, ..ArenaOptions::default() });
-    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(f.try_clone().map_err(WorkError::system)?, item.meta.clone());
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(item.source.clone(), item.meta.clone());
     let mask = ProjectionMask::roots(builder.parquet_schema(), [col]);
     let batches = arena.scope(|| -> Result<Vec<RecordBatch>, WorkError> {
         let reader = builder.with_projection(mask).with_row_groups(vec![item.row_group]).with_batch_size(BATCH_ROWS).build().map_err(|e| user(&e))?;
         reader.map(|b| b.map_err(|e| user(&e))).collect()
     })?;
     // A file rewritten in place while it was read would give chunks of neither version.
-    if !same(&f) {
-        return Err(WorkError::User(format!("{} changed during the scan (run it again)", item.file.display())));
+    if !same() {
+        return Err(WorkError::User(format!("{} changed during the scan (run it again)", path.display())));
     }
     Ok((arena, batches.into_iter().filter(|b| b.num_rows() > 0).collect()))
 }
@@ -187,7 +187,7 @@ fn assemble(items: &[Item], place: &[(usize, usize)], cols: Vec<Option<Vec<Array
                 Some(f) => out_arena.scope(|| crate::filter::apply(f, &b)).map_err(WorkError::User)?,
                 None => b,
             };
-            out.push(&item.file, project(&b, &item.wanted)?)?;
+            out.push(&item.source.path, project(&b, &item.wanted)?)?;
         }
     }
     Ok(out.finish())

@@ -6,12 +6,15 @@ mod cached;
 mod ipc;
 mod materialize;
 mod scan;
-
-pub use scan::parquet_files;
+mod source;
 mod sql;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+pub use scan::parquet_files;
+
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use quiver_sandbox::HostRoot;
 
 use arrow_array::RecordBatch;
 use quiver_shm::sipc::{ReadOptions, SipcRead, TableWriter, read_table};
@@ -53,16 +56,26 @@ pub fn main() -> i32 {
     crate::memory::adopt_function_oom_score();
     // Before any thread or input exists: what a decoder or DuckDB bug exploited by crafted
     // data could reach. Without it the worker does not run.
-    if let Err(e) = isolate() {
-        eprintln!("quiver worker: cannot leave the host's namespaces: {e}");
-        return 2;
-    }
+    let host = match HostRoot::open() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("quiver worker: {e}");
+            return 2;
+        }
+    };
+    let user = match isolate(&host) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("quiver worker: cannot leave the host's namespaces: {e}");
+            return 2;
+        }
+    };
     if let Err(e) = quiver_sandbox::restrict_syscalls(false) {
         eprintln!("quiver worker: cannot restrict its system calls: {e}");
         return 2;
     }
     set_process_name("quiver:idle");
-    match serve(sock.as_fd()) {
+    match serve(sock.as_fd(), host, user) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("quiver worker: {e}");
@@ -74,33 +87,104 @@ pub fn main() -> i32 {
 /// The environment variable that names the fd of the empty network namespace a worker joins.
 pub const NETNS_FD_ENV: &str = "QUIVER_NETNS_FD";
 
-/// Joins the agent's empty network namespace (no interface, no abstract Unix socket of the
-/// host) when the agent passed one, and, as root, new IPC and UTS namespaces. The seccomp
-/// filter installed next refuses both calls from then on.
-fn isolate() -> Result<(), String> {
-    if let Some(fd) = std::env::var(NETNS_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
-        // SAFETY: the agent passed this fd for this purpose and nothing else in the process
-        // owns it; it is closed right after.
-        let ns = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: setns takes an fd and flags and has no memory effects.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("joining the empty network namespace: {}", std::io::Error::last_os_error()));
-        }
-    }
-    // SAFETY: geteuid has no preconditions; unshare takes flags and has no memory effects.
-    if unsafe { libc::geteuid() } == 0 && unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
-        return Err(format!("unshare(ipc, uts): {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+/// The environment variable that carries the sandbox a worker enters (a
+/// [`quiver_sandbox::Spec`] as JSON); an agent running as root sets it.
+pub const SANDBOX_ENV: &str = "QUIVER_WORKER_SANDBOX";
+
+/// The unprivileged user a sandboxed worker becomes once it has opened its task's files.
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    uid: u32,
+    gid: u32,
 }
 
-fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
+/// Leaves the host while waiting for a request. With a sandbox spec (the agent is root): new
+/// mount, pid, IPC and UTS namespaces, the agent's empty network namespace, a fork (this
+/// process waits and exits as its child does; the child is the pid namespace's first process)
+/// and a new root holding only the spec's read-only binds, a private /tmp, /proc and a few
+/// devices; still root, with `host` open, until the request names the files. Without one
+/// (an unprivileged agent): the empty network namespace when passed, nothing else. The
+/// seccomp filter installed next refuses every namespace and mount call from then on.
+fn isolate(host: &HostRoot) -> Result<Option<Ids>, String> {
+    let net = std::env::var(NETNS_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()).map(|fd| {
+        // SAFETY: the agent passed this fd for this purpose and nothing else in the process
+        // owns it; it is closed once joined.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    });
+    let Some(json) = std::env::var_os(SANDBOX_ENV) else {
+        if let Some(ns) = net {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("joining the empty network namespace: {e}"))?;
+        }
+        return Ok(None);
+    };
+    let mut spec: quiver_sandbox::Spec =
+        serde_json::from_slice(json.as_encoded_bytes()).map_err(|e| format!("the sandbox spec in {SANDBOX_ENV}: {e}"))?;
+    quiver_sandbox::enter_namespaces(&[], net.as_ref().map(|n| n.as_fd())).map_err(|e| e.to_string())?;
+    drop(net);
+    // SAFETY: the worker is single-threaded here (no thread is started before `serve`), so
+    // the child may run any code.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        nix::unistd::ForkResult::Parent { child } => {
+            // The agent ends a worker by killing its process group: the child is left in it and
+            // this process moves to the agent's own group, so it outlives the kill, reaps the
+            // child and exits as it did (a parent killed together with its child would leave
+            // the child for init to reap). Terminal signals to that group are the agent's.
+            let _ = nix::unistd::getpgid(Some(nix::unistd::getppid())).and_then(|g| nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), g));
+            for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGQUIT] {
+                // SAFETY: SIG_IGN installs no handler code.
+                let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+            }
+            quiver_sandbox::wait_and_exit(child)
+        }
+        nix::unistd::ForkResult::Child => {}
+    }
+    spec.keep_fds = vec![3, host.raw()];
+    quiver_sandbox::confine_root(&spec).map_err(|e| e.to_string())?;
+    Ok(Some(Ids { uid: spec.uid, gid: spec.gid }))
+}
+
+/// What a task reads or writes on the host, opened before the worker gives up root and enters
+/// landlock.
+enum TaskFiles {
+    None,
+    /// A scan's Parquet files.
+    Sources(Vec<source::Source>),
+    /// A materialization's file in its staging folder.
+    Staged(materialize::Staged),
+}
+
+/// Opens the files `req` names through `host`.
+fn open_files(req: &Request, host: &HostRoot) -> Result<TaskFiles, WorkError> {
+    match &req.task {
+        Task::Scan { path, .. } => source::open(host, Path::new(path)).map(TaskFiles::Sources),
+        Task::Materialize { table, .. } => {
+            let staging = req.staging.as_ref().ok_or_else(|| WorkError::System("no staging folder given".into()))?;
+            let dir = host.open_dir(staging).map_err(|e| WorkError::System(format!("{}: {e}", staging.display())))?;
+            materialize::create(table, staging, dir).map(TaskFiles::Staged)
+        }
+        Task::Sql { .. } | Task::Python(_) => Ok(TaskFiles::None),
+    }
+}
+
+fn serve(sock: BorrowedFd<'_>, host: HostRoot, user: Option<Ids>) -> quiver_shm::Result<()> {
     // A worker may be started ahead of need; its function begins when the request arrives.
     let req: Request = recv_json(sock)?;
     send_json(sock, &Hello { started_ns: crate::proto::monotonic_ns() })?;
     set_process_name(&format!("quiver:{}", req.node));
+    let files = open_files(&req, &host);
+    // The host stays out of reach from here on, whatever the task.
+    drop(host);
+    let files = match files {
+        Ok(f) => f,
+        Err(e) => return send_json(sock, &Reply::Failed { user: matches!(e, WorkError::User(_)), message: e.to_string() }),
+    };
+    if let Some(Ids { uid, gid }) = user
+        && let Err(e) = quiver_sandbox::drop_privileges(uid, gid)
+    {
+        return send_json(sock, &Reply::Failed { user: false, message: format!("dropping root: {e}") });
+    }
     // Still one thread: what the task's files allow binds every thread it will start.
-    if let Err(e) = restrict_files(&req) {
+    if let Err(e) = restrict_files() {
         return send_json(sock, &Reply::Failed { user: false, message: format!("confining the worker to its files: {e}") });
     }
     let limits = RecvLimits::default();
@@ -113,7 +197,7 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
         inputs.push((name.clone(), t));
     }
     // Inputs stay mapped until the process exits (and for QUIVER_DEBUG_STOP_NODE).
-    let answered = match run(&req, &inputs, sock) {
+    let answered = match run(&req, &inputs, sock, &files) {
         Ok(Output::Table(batches, schema)) => {
             let (batches, ipc_copied) = match req.edges {
                 Edges::Arena => (batches, 0),
@@ -154,23 +238,15 @@ fn serve(sock: BorrowedFd<'_>) -> quiver_shm::Result<()> {
 /// memory, cgroup limits) and time zones.
 const SYSTEM_READS: [&str; 4] = ["/proc", "/sys", "/usr/share/zoneinfo", "/etc/localtime"];
 
-/// Landlock for the task at hand: a scan reads its source, a materialization writes its
-/// staging folder, SQL reads no file (DuckDB's `read_csv`, `COPY ... TO` and the like reach
-/// only /tmp); all may write /tmp and /dev. Kernels without landlock keep the other layers.
-fn restrict_files(req: &Request) -> Result<(), String> {
-    let mut read: Vec<PathBuf> = SYSTEM_READS.iter().map(PathBuf::from).collect();
-    let mut write: Vec<PathBuf> = vec![PathBuf::from("/tmp"), PathBuf::from("/dev")];
-    match &req.task {
-        Task::Scan { path, .. } => read.push(PathBuf::from(path)),
-        Task::Materialize { .. } => {
-            if let Some(staging) = &req.staging {
-                std::fs::create_dir_all(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
-                write.push(staging.clone());
-            }
-        }
-        Task::Sql { .. } | Task::Python(_) => {}
-    }
-    // A rule needs its path to exist; a missing source fails the scan with its own message.
+/// Landlock: whatever the task, no file beyond the system's own reads and /tmp and /dev
+/// (DuckDB's `read_csv`, `COPY ... TO` and the like reach only /tmp); a scan's sources and a
+/// materialization's staging folder are already open. Inside the sandbox's root most of these
+/// paths do not exist; an unprivileged agent's workers, which keep the host's root, rely on
+/// this layer alone. Kernels without landlock keep the other layers.
+fn restrict_files() -> Result<(), String> {
+    let read: Vec<PathBuf> = SYSTEM_READS.iter().map(PathBuf::from).collect();
+    let write: Vec<PathBuf> = vec![PathBuf::from("/tmp"), PathBuf::from("/dev")];
+    // A rule needs its path to exist.
     let read: Vec<&Path> = read.iter().map(PathBuf::as_path).filter(|p| p.exists()).collect();
     let write: Vec<&Path> = write.iter().map(PathBuf::as_path).filter(|p| p.exists()).collect();
     match quiver_sandbox::restrict_files(&read, &write, false) {
@@ -183,17 +259,18 @@ fn restrict_files(req: &Request) -> Result<(), String> {
     }
 }
 
-fn run(req: &Request, inputs: &[(String, SipcRead)], sock: BorrowedFd<'_>) -> Result<Output, WorkError> {
-    match &req.task {
-        Task::Scan { path, columns, filter } if req.cache => cached::run(sock, path, columns.as_deref(), filter.as_ref()),
-        Task::Scan { path, columns, filter } => scan::run(path, columns.as_deref(), filter.as_ref()),
-        Task::Sql { sql } => sql::run(sql, inputs),
-        Task::Materialize { table, .. } => {
-            let staging = req.staging.as_ref().ok_or_else(|| WorkError::System("no staging folder given".into()))?;
+fn run(req: &Request, inputs: &[(String, SipcRead)], sock: BorrowedFd<'_>, files: &TaskFiles) -> Result<Output, WorkError> {
+    let unopened = || WorkError::System("the task's files were not opened".into());
+    match (&req.task, files) {
+        (Task::Scan { columns, filter, .. }, TaskFiles::Sources(s)) if req.cache => cached::run(sock, s, columns.as_deref(), filter.as_ref()),
+        (Task::Scan { columns, filter, .. }, TaskFiles::Sources(s)) => scan::run(s, columns.as_deref(), filter.as_ref()),
+        (Task::Sql { sql }, _) => sql::run(sql, inputs),
+        (Task::Materialize { .. }, TaskFiles::Staged(out)) => {
             let (_, input) = inputs.first().ok_or_else(|| WorkError::System("materialize without input".into()))?;
-            materialize::run(table, input, staging)
+            materialize::run(input, out)
         }
-        Task::Python(_) => Err(WorkError::System("a Python task reached a native worker".into())),
+        (Task::Python(_), _) => Err(WorkError::System("a Python task reached a native worker".into())),
+        _ => Err(unopened()),
     }
 }
 

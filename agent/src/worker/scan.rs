@@ -2,7 +2,6 @@
 //! projection, row-group pruning from statistics, and the exact filter applied after; row
 //! groups are decoded in parallel, one thread per core.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +12,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
 use quiver_shm::Arena;
 
+use super::source::Source;
 use super::{Output, WorkError};
 use crate::filter::Filter;
 
@@ -37,9 +37,9 @@ pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, WorkError> {
     Ok(out)
 }
 
-pub fn run(path: &str, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Output, WorkError> {
+pub fn run(sources: &[Source], columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Output, WorkError> {
     let arena = Arena::named("scan");
-    let items = plan(Path::new(path), columns, filter)?;
+    let items = plan(sources, columns, filter)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
     // Row groups are decoded in parallel; each thread enters the arena's scope, so every Arrow
     // buffer the decoder and the filter allocate lands in the arena and is handed on by
@@ -69,7 +69,7 @@ pub fn run(path: &str, columns: Option<&[String]>, filter: Option<&Filter>) -> R
     for (item, r) in items.iter().zip(results) {
         let Some(r) = r.into_inner().unwrap_or_else(|e| e.into_inner()) else { continue };
         for b in r? {
-            out.push(&item.file, b)?;
+            out.push(&item.source.path, b)?;
         }
     }
     Ok(out.finish())
@@ -107,7 +107,7 @@ impl Collected {
 
 /// One unit of parallel work: one row group of one file.
 pub(super) struct Item {
-    pub(super) file: PathBuf,
+    pub(super) source: Source,
     pub(super) meta: ArrowReaderMetadata,
     pub(super) row_group: usize,
     /// Columns to read (projection plus filter columns), as root indices.
@@ -117,12 +117,12 @@ pub(super) struct Item {
 }
 
 /// Reads every file's footer once, checks the columns and prunes row groups by statistics.
-pub(super) fn plan(path: &Path, columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Vec<Item>, WorkError> {
+pub(super) fn plan(sources: &[Source], columns: Option<&[String]>, filter: Option<&Filter>) -> Result<Vec<Item>, WorkError> {
     let mut items = Vec::new();
-    for file in parquet_files(path)? {
+    for source in sources {
+        let file = &source.path;
         let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", file.display()));
-        let f = File::open(&file).map_err(|e| user(&e))?;
-        let meta = ArrowReaderMetadata::load(&f, ArrowReaderOptions::default()).map_err(|e| user(&e))?;
+        let meta = ArrowReaderMetadata::load(source, ArrowReaderOptions::default()).map_err(|e| user(&e))?;
         let file_schema = meta.schema().clone();
         let wanted: Vec<String> = match columns {
             Some(c) => c.to_vec(),
@@ -147,7 +147,7 @@ pub(super) fn plan(path: &Path, columns: Option<&[String]>, filter: Option<&Filt
         let pq = meta.metadata().clone();
         for rg in 0..pq.num_row_groups() {
             if filter.is_none_or(|f| crate::filter::may_match(f, pq.row_group(rg), meta.parquet_schema())) {
-                items.push(Item { file: file.clone(), meta: meta.clone(), row_group: rg, read: read.clone(), wanted: wanted.clone() });
+                items.push(Item { source: source.clone(), meta: meta.clone(), row_group: rg, read: read.clone(), wanted: wanted.clone() });
             }
         }
     }
@@ -156,9 +156,8 @@ pub(super) fn plan(path: &Path, columns: Option<&[String]>, filter: Option<&Filt
 
 /// Decodes one row group, filters and projects it.
 fn decode(item: &Item, filter: Option<&Filter>) -> Result<Vec<RecordBatch>, WorkError> {
-    let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", item.file.display()));
-    let f = File::open(&item.file).map_err(|e| user(&e))?;
-    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(f, item.meta.clone());
+    let user = |e: &dyn std::fmt::Display| WorkError::User(format!("{}: {e}", item.source.path.display()));
+    let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(item.source.clone(), item.meta.clone());
     let mask = ProjectionMask::roots(builder.parquet_schema(), item.read.iter().copied());
     let reader = builder
         .with_projection(mask)

@@ -166,20 +166,27 @@ impl TestAgent {
         self.children().into_iter().find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == want))
     }
 
-    /// Every child of the agent process, waiting workers included.
+    /// Every descendant of the agent process, waiting workers included (a sandboxed worker does
+    /// its work in a child it forks into its pid namespace).
     pub fn all_children(&self) -> Vec<i32> {
-        let me = self.pid();
-        std::fs::read_dir("/proc")
+        let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
             .expect("/proc")
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .ok()
-                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.split(' ').nth(1).map(str::to_owned)))
-                    .flatten()
-                    .is_some_and(|pp| pp == me.to_string())
+            .filter_map(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                let ppid = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+                Some((p, ppid))
             })
-            .collect()
+            .collect();
+        let mut found = vec![self.pid()];
+        let mut i = 0;
+        while i < found.len() {
+            let parent = found[i];
+            found.extend(parents.iter().filter(|&&(_, pp)| pp == parent).map(|&(p, _)| p));
+            i += 1;
+        }
+        found.remove(0);
+        found
     }
 
     /// Sends SIGTERM and waits; returns the exit status.

@@ -14,13 +14,17 @@
 //!    not keep of its fds is closed.
 //!
 //! [`enter`] does both for Rust callers; Python zygotes call the same steps through the C ABI in
-//! [`ffi`], forking with `os.fork` in between. The agent's side (cgroups, the empty network
+//! [`ffi`], forking with `os.fork` in between. quiver's native workers, started before they know
+//! their task, split step 2: [`confine_root`] and the syscall filter while they wait, then,
+//! once their request names their files, open those through a [`HostRoot`] and
+//! [`drop_privileges`]. The agent's side (cgroups, the empty network
 //! namespace) lives in [`cgroup`] and [`netns`]. docs/security.md says what each layer stops.
 
 pub mod cgroup;
 mod error;
 pub mod ffi;
 mod fsrules;
+mod host;
 mod mounts;
 pub mod netns;
 mod seccomp;
@@ -33,6 +37,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Uid};
 
 pub use error::{Result, SandboxError};
+pub use host::HostRoot;
 pub use spec::{Bind, Limits, Spec};
 
 /// What [`confine`] could enforce on this kernel.
@@ -60,6 +65,8 @@ pub fn enter_namespaces(cgroup_procs: &[BorrowedFd<'_>], net: Option<BorrowedFd<
 /// The parent's half of step 2: waits for the namespace's first process and exits as it did
 /// (128 + signal when it was killed), so whoever forked us sees the function's status.
 pub fn wait_and_exit(child: nix::unistd::Pid) -> ! {
+    // The child alone holds its connections: whoever talks to it sees it hang up when it exits.
+    let _ = close_fds_except(&[]);
     let code = loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, c)) => break c,
@@ -77,14 +84,7 @@ pub fn wait_and_exit(child: nix::unistd::Pid) -> ! {
 /// Step 2, in the first process of the new pid namespace: builds the root, applies limits and
 /// drops every privilege. Returns what was enforced.
 pub fn confine(spec: &Spec) -> Result<Confined> {
-    spec.validate()?;
-    // The namespace's first process must not outlive the one that waits for it.
-    // SAFETY: prctl with these arguments has no memory effects.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    close_fds_except(&spec.keep_fds)?;
-    mounts::build_root(spec)?;
-    nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
-    spec.limits.apply()?;
+    confine_root(spec)?;
     drop_privileges(spec.uid, spec.gid)?;
     // SAFETY: prctl with these arguments has no memory effects.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -93,6 +93,21 @@ pub fn confine(spec: &Spec) -> Result<Confined> {
     let landlock = fsrules::restrict(spec)?;
     seccomp::apply(spec.network)?;
     Ok(Confined { landlock })
+}
+
+/// The first half of [`confine`], for a process that learns which files it needs after it has
+/// started (quiver's native workers): closes the fds it does not keep, builds the new root and
+/// applies the host name and rlimits, still as root. The caller opens what its task needs
+/// through a [`HostRoot`] it kept, closes that, and calls [`drop_privileges`].
+pub fn confine_root(spec: &Spec) -> Result<()> {
+    spec.validate()?;
+    // The namespace's first process must not outlive the one that waits for it.
+    // SAFETY: prctl with these arguments has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    close_fds_except(&spec.keep_fds)?;
+    mounts::build_root(spec)?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| SandboxError::sys("sethostname", e))?;
+    spec.limits.apply()
 }
 
 /// The system-call layer alone, for quiver's native workers, which are started before their
@@ -133,7 +148,9 @@ pub fn enter(spec: &Spec, cgroup_procs: &[BorrowedFd<'_>], net: Option<BorrowedF
     }
 }
 
-fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
+/// Becomes `uid` and `gid` (never 0) with no supplementary groups, for good: the saved ids go
+/// too.
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
     if uid == 0 || gid == 0 {
         return Err(SandboxError::Spec("a function never runs as uid or gid 0".into()));
     }
