@@ -189,13 +189,6 @@ fn chunk_pss_rss(pid: i32) -> (u64, u64) {
     (pss, rss)
 }
 
-fn stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T') || r.starts_with('t')))
-        .unwrap_or(false)
-}
-
 #[test]
 fn k_processes_mapping_one_cached_table_have_the_pss_of_one_table() {
     const K: usize = 4;
@@ -220,7 +213,7 @@ fn k_processes_mapping_one_cached_table_have_the_pss_of_one_table() {
     let t0 = Instant::now();
     let pids = loop {
         let p: Vec<i32> = a.children().into_iter().filter(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "quiver:s") && stopped(p)
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "quiver:s") && common::debug_stopped(p)
         }).collect();
         if p.len() == K {
             break p;

@@ -57,7 +57,7 @@ fn stopped_worker(agent: &TestAgent, name: &str) -> i32 {
     loop {
         for p in agent.children() {
             let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            if stat.contains(&format!("(quiver:{name})")) && stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')) {
+            if stat.contains(&format!("(quiver:{name})")) && common::debug_stopped(p) {
                 return p;
             }
         }

@@ -275,12 +275,27 @@ fn run(req: &Request, inputs: &[(String, SipcRead)], sock: BorrowedFd<'_>, files
 }
 
 /// A debugging aid: with `QUIVER_DEBUG_STOP_NODE=NAME[,NAME...]` in the agent's environment, the
-/// worker of each node named stops itself (SIGSTOP) after handing over its output, its inputs
-/// still mapped, so its memory can be inspected (`/proc/PID/maps`, `pagemap`) before `kill -CONT`.
+/// worker of each node named waits for SIGCONT after handing over its output, its inputs still
+/// mapped, so its memory can be inspected (`/proc/PID/maps`, `pagemap`) before `kill -CONT`.
+/// A sandboxed worker is the first process of its pid namespace, which cannot stop itself
+/// (the kernel drops signals it sends itself without a handler), so it waits in `sigsuspend`
+/// with a SIGCONT handler, which shows in `SigCgt` of `/proc/PID/status`.
 fn stop_if_asked(node: &str) {
-    if std::env::var("QUIVER_DEBUG_STOP_NODE").is_ok_and(|v| v.split(',').any(|n| n == node)) {
-        // SAFETY: raise has no memory effects.
-        unsafe { libc::raise(libc::SIGSTOP) };
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, sigaction};
+    static CONTINUED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn on_cont(_: libc::c_int) {
+        CONTINUED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    if !std::env::var("QUIVER_DEBUG_STOP_NODE").is_ok_and(|v| v.split(',').any(|n| n == node)) {
+        return;
+    }
+    let mut cont = SigSet::empty();
+    cont.add(Signal::SIGCONT);
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&cont), None);
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    let _ = unsafe { sigaction(Signal::SIGCONT, &SigAction::new(SigHandler::Handler(on_cont), SaFlags::empty(), SigSet::empty())) };
+    while !CONTINUED.load(std::sync::atomic::Ordering::SeqCst) {
+        SigSet::empty().suspend().ok();
     }
 }
 

@@ -298,3 +298,16 @@ pub fn python_agent(dir: &Path) -> TestAgent {
     TestAgent::start(&["--config", cfg.to_str().expect("utf8")])
 }
 
+/// Whether `pid` is a worker waiting after its output (QUIVER_DEBUG_STOP_NODE): stopped, or, as
+/// a sandboxed worker, the first process of its pid namespace, which cannot stop itself and
+/// waits with a SIGCONT handler instead.
+#[allow(dead_code)]
+pub fn debug_stopped(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T') || r.starts_with('t')) {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:")).and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+    caught.is_some_and(|m| m & (1 << (libc::SIGCONT - 1)) != 0)
+}
