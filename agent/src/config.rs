@@ -29,6 +29,11 @@ pub struct Config {
     pub default_timeout_s: f64,
     /// Finished runs kept for status queries.
     pub keep_runs: usize,
+    /// Native workers enter the sandbox (mount and pid namespaces, a root without the host, an
+    /// unprivileged user) when the agent runs as root. Off, they keep the host's root and run
+    /// as root under seccomp, landlock and the empty network namespace only: for measuring the
+    /// sandbox's cost, not for production.
+    pub sandbox_workers: bool,
     /// Python functions: environments, zygotes and their sandbox.
     pub python: PythonConfig,
     /// Kernel-measured figures per function (eBPF) and network denial.
@@ -188,6 +193,7 @@ impl Default for Config {
             max_body: 8 << 20,
             default_timeout_s: 3600.0,
             keep_runs: 1000,
+            sandbox_workers: true,
             python: PythonConfig::default(),
             telemetry: TelemetryConfig::default(),
             cache: CacheConfig::default(),

@@ -337,6 +337,10 @@ impl Agent {
             }
         };
         let sandbox = match crate::launch::Setup::worker_sandbox(&config.python) {
+            Ok(_) if !config.sandbox_workers => {
+                tracing::warn!("sandbox_workers = false: native workers keep the host's root and run as root");
+                None
+            }
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "native workers cannot enter the sandbox: they keep the host's root and user");

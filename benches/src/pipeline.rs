@@ -3,6 +3,9 @@
 //! one process (the floor). Each variant runs as its own `quiver` process (built here in
 //! release mode) in a fresh memory cgroup, so peak memory covers the agent and all its workers.
 //!
+//! `arena-unsandboxed`: native workers outside the sandbox (`sandbox_workers = false`), for
+//! what their namespaces, new root and user change cost.
+//!
 //! Telemetry variants: `arena-telemetry-off` (the agent without its BPF programs, for their
 //! overhead), and `arena-metered` / `copy-metered` (the copy meter on, for the kernel-measured
 //! bytes memcpy'd beside our own bytes copied; the meter's traps slow them down, so they run
@@ -28,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Variants to run (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-metered", "copy-metered"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-unsandboxed", "arena-metered", "copy-metered"])]
     variants: Option<Vec<String>>,
     /// Where the generated trips are kept between runs.
     #[arg(long, default_value = "/var/tmp/quiver-bench")]
@@ -79,7 +82,7 @@ pub fn run(args: Args) -> Result<()> {
     let work = tempfile::Builder::new().prefix("quiver-pipeline-").tempdir()?;
     let project = make_project(work.path(), &trips_dir)?;
     let variants = args.variants.clone().unwrap_or_else(|| {
-        ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-metered", "copy-metered"].map(String::from).to_vec()
+        ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-unsandboxed", "arena-metered", "copy-metered"].map(String::from).to_vec()
     });
     // Warm the page cache so no variant pays the first read of the input.
     for e in std::fs::read_dir(&trips_dir)? {
@@ -172,18 +175,19 @@ fn run_variant(quiver: &Path, project: &Path, variant: &str, work: &Path, tag: &
     let mut cmd = Command::new(quiver);
     cmd.arg("run").arg(project).arg("--json").arg("--warehouse").arg(&wh);
     match variant {
-        "arena" | "arena-telemetry-off" | "arena-metered" => cmd.args(["--edges", "arena"]),
+        "arena" | "arena-telemetry-off" | "arena-unsandboxed" | "arena-metered" => cmd.args(["--edges", "arena"]),
         "copy" | "copy-metered" => cmd.args(["--edges", "ipc"]),
         _ => cmd.arg("--duckdb-only"),
     };
-    let telemetry = match variant {
-        "arena-telemetry-off" => Some("enabled = false"),
-        v if v.ends_with("-metered") => Some("copy_meter = true"),
+    let config = match variant {
+        "arena-telemetry-off" => Some("[telemetry]\nenabled = false\n"),
+        "arena-unsandboxed" => Some("sandbox_workers = false\n"),
+        v if v.ends_with("-metered") => Some("[telemetry]\ncopy_meter = true\n"),
         _ => None,
     };
-    if let Some(t) = telemetry {
+    if let Some(c) = config {
         let cfg = work.join(format!("agent-{tag}.toml"));
-        std::fs::write(&cfg, format!("[telemetry]\n{t}\n"))?;
+        std::fs::write(&cfg, c)?;
         cmd.arg("--config").arg(cfg);
     }
     // Never a running service: each variant starts its own agent inside its cgroup.
@@ -354,6 +358,14 @@ fn print_tables(rows: &[Row], repeat: usize) {
     }
     if let Some(a) = find("arena") {
         println!("arena node overhead p50: {} ms (goal < 1 ms)", opt(a.node_overhead_p50_ms));
+    }
+    if let (Some(a), Some(u)) = (find("arena"), find("arena-unsandboxed")) {
+        println!(
+            "arena sandboxed / unsandboxed workers: wall {:.3}x, node overhead p50 {} vs {} ms",
+            a.wall_ms / u.wall_ms,
+            opt(a.node_overhead_p50_ms),
+            opt(u.node_overhead_p50_ms)
+        );
     }
     if let (Some(a), Some(off)) = (find("arena"), find("arena-telemetry-off")) {
         println!("arena telemetry on / off wall: {:.3}x (goal < 3% difference)", a.wall_ms / off.wall_ms);
