@@ -116,7 +116,9 @@ impl Setup {
             uid: cfg.uid,
             gid: cfg.gid,
             hostname: "quiver".into(),
-            limits: quiver_sandbox::Limits::default(),
+            // A cached scan of a large table holds a memfd per decoded chunk: as many fds as
+            // the agent may have, not a function's default.
+            limits: quiver_sandbox::Limits { open_files: open_files_limit().max(quiver_sandbox::Limits::default().open_files), ..quiver_sandbox::Limits::default() },
             keep_fds: Vec::new(),
             network: false,
             workdir: PathBuf::from("/tmp"),
@@ -124,6 +126,11 @@ impl Setup {
         spec.validate().map_err(|e| e.to_string())?;
         serde_json::to_string(&spec).map(|s| Some(s.into())).map_err(|e| e.to_string())
     }
+}
+
+/// The hard limit on open files this process may raise itself to.
+fn open_files_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(_, hard)| hard)
 }
 
 type LaunchReply = (Setup, std::sync::mpsc::Sender<Result<Started, NodeError>>);

@@ -389,6 +389,10 @@ fn task(n: &NodeSpec) -> Result<Task, PlanError> {
                 return Err(node_err(&n.name, "a scan node has no parents"));
             }
             let path = n.path.clone().filter(|p| !p.is_empty()).ok_or_else(|| node_err(&n.name, "a scan node needs `path`"))?;
+            // Relative to what? The daemon's working folder means nothing to a planner.
+            if !std::path::Path::new(&path).is_absolute() {
+                return Err(node_err(&n.name, format!("path {path:?} must be absolute")));
+            }
             if let Some(cols) = &n.columns {
                 if cols.is_empty() {
                     return Err(node_err(&n.name, "`columns` is empty; leave it out to read every column"));

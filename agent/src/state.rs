@@ -324,7 +324,11 @@ pub struct Agent {
 
 impl Agent {
     /// A fresh agent.
-    pub fn new(config: Config) -> Arc<Agent> {
+    pub fn new(mut config: Config) -> Arc<Agent> {
+        // Workers reach the warehouse's staging folders by absolute path, from their own root.
+        if let Ok(w) = std::path::absolute(&config.warehouse) {
+            config.warehouse = w;
+        }
         let (stopping, _) = watch::channel(false);
         let kernel = Arc::new(KernelTelemetry::start(&config.telemetry));
         // One empty network namespace, prepared once (creating one per call is slow), that

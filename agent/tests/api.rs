@@ -22,6 +22,7 @@ fn malformed_requests_get_a_4xx_and_the_agent_stays_up() {
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"scan","path":"/x"},{"name":"a","kind":"scan","path":"/y"}]}"#, 422, "two nodes are named"),
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"scan","path":"/x","filter":"x ="}]}"#, 422, "filter"),
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"scan","path":"/x","sql":"select 1"}]}"#, 422, "not valid for a scan"),
+        ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"scan","path":"data/trips"}]}"#, 422, "must be absolute"),
         ("POST", "/v1/runs", r#"{"nodes":[{"name":"a","kind":"scan","path":"/x","resources":{"cpus":-1}}]}"#, 422, "cpus"),
         ("POST", "/v1/runs?dry_run=maybe", r#"{"nodes":[{"name":"a","kind":"scan","path":"/x"}]}"#, 400, "bad query string"),
         ("GET", "/v1/runs/r999999", "", 404, "no run"),

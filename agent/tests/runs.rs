@@ -245,6 +245,12 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
                 assert_ne!(of(pid), of(a.pid()), "worker {pid} shares the agent's {ns} namespace");
             }
             assert_eq!(field("NSpid:").split_whitespace().last(), Some("1"), "the first process of its pid namespace:\n{status}");
+            // A cached scan of a large table holds an fd per decoded chunk: the agent's limit.
+            let nofile = |p: i32| {
+                let limits = std::fs::read_to_string(format!("/proc/{p}/limits")).expect("limits");
+                limits.lines().find(|l| l.starts_with("Max open files")).map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
+            };
+            assert_eq!(nofile(pid), nofile(a.pid()), "the worker may open as many files as the agent");
             let root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
                 .expect("its root")
                 .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

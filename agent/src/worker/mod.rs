@@ -176,16 +176,16 @@ fn serve(sock: BorrowedFd<'_>, host: HostRoot, user: Option<Ids>) -> quiver_shm:
     drop(host);
     let files = match files {
         Ok(f) => f,
-        Err(e) => return send_json(sock, &Reply::Failed { user: matches!(e, WorkError::User(_)), message: e.to_string() }),
+        Err(e) => return fail_early(sock, &req, matches!(e, WorkError::User(_)), e.to_string()),
     };
     if let Some(Ids { uid, gid }) = user
         && let Err(e) = quiver_sandbox::drop_privileges(uid, gid)
     {
-        return send_json(sock, &Reply::Failed { user: false, message: format!("dropping root: {e}") });
+        return fail_early(sock, &req, false, format!("dropping root: {e}"));
     }
     // Still one thread: what the task's files allow binds every thread it will start.
     if let Err(e) = restrict_files() {
-        return send_json(sock, &Reply::Failed { user: false, message: format!("confining the worker to its files: {e}") });
+        return fail_early(sock, &req, false, format!("confining the worker to its files: {e}"));
     }
     let limits = RecvLimits::default();
     let mut inputs = Vec::with_capacity(req.inputs.len());
@@ -232,6 +232,17 @@ fn serve(sock: BorrowedFd<'_>, host: HostRoot, user: Option<Ids>) -> quiver_shm:
     // SAFETY: setpriority has no memory effects.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     answered
+}
+
+/// Answers a failure found before the inputs were read. The agent is still sending them: they
+/// are taken off the socket unparsed (their fds closed), so the agent reads the answer instead
+/// of a reset connection.
+fn fail_early(sock: BorrowedFd<'_>, req: &Request, user: bool, message: String) -> quiver_shm::Result<()> {
+    let limits = RecvLimits::default();
+    for _ in &req.inputs {
+        recv(sock, &limits)?;
+    }
+    send_json(sock, &Reply::Failed { user, message })
 }
 
 /// Paths every worker may read: what the runtime and DuckDB consult about the machine (CPUs,
