@@ -24,24 +24,44 @@ use crate::proc::{machine, ms_since, now_ns};
 /// Options of `pipeline`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Trips in the input.
-    #[arg(long, default_value_t = 10_000_000)]
-    trips: u64,
+    #[command(flatten)]
+    input: Input,
     /// Runs of each variant (interleaved); medians are reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Variants to run (default: all).
     #[arg(long, value_delimiter = ',', value_parser = ["arena", "copy", "duckdb-single", "arena-telemetry-off", "arena-unsandboxed", "arena-metered", "copy-metered"])]
     variants: Option<Vec<String>>,
+    /// One JSON object per variant instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The generated trips and the quiver binary a benchmark of whole DAGs runs (`pipeline`,
+/// `sharing`).
+#[derive(clap::Args)]
+pub(crate) struct Input {
+    /// Trips in the input.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub(crate) trips: u64,
     /// Where the generated trips are kept between runs.
     #[arg(long, default_value = "/var/tmp/quiver-bench")]
     data: PathBuf,
     /// The quiver binary (default: built here with `cargo build --release -p quiver`).
     #[arg(long, env = "QUIVER_BIN")]
     quiver: Option<PathBuf>,
-    /// One JSON object per variant instead of tables.
-    #[arg(long)]
-    json: bool,
+}
+
+impl Input {
+    /// The quiver binary (built when not given) and the folder of trips (generated once).
+    pub(crate) fn prepare(&self) -> Result<(PathBuf, PathBuf)> {
+        let quiver = match &self.quiver {
+            Some(q) => q.clone(),
+            None => build_quiver()?,
+        };
+        let trips_dir = trips(&quiver, &self.data, self.trips)?;
+        Ok((quiver, trips_dir))
+    }
 }
 
 /// One variant's result (medians over the repeats).
@@ -74,11 +94,7 @@ struct Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let quiver = match &args.quiver {
-        Some(q) => q.clone(),
-        None => build_quiver()?,
-    };
-    let trips_dir = trips(&quiver, &args.data, args.trips)?;
+    let (quiver, trips_dir) = args.input.prepare()?;
     let work = tempfile::Builder::new().prefix("quiver-pipeline-").tempdir()?;
     let project = make_project(work.path(), &trips_dir)?;
     let variants = args.variants.clone().unwrap_or_else(|| {
@@ -101,7 +117,7 @@ pub fn run(args: Args) -> Result<()> {
             samples[i].push(s);
         }
     }
-    let rows: Vec<Row> = variants.iter().zip(&samples).map(|(v, s)| summarize(v, args.trips, s)).collect();
+    let rows: Vec<Row> = variants.iter().zip(&samples).map(|(v, s)| summarize(v, args.input.trips, s)).collect();
     if args.json {
         for r in &rows {
             println!("{}", serde_json::to_string(r)?);
@@ -114,7 +130,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// The `n`-trip input under `data` (generated once, kept between runs), with its page cache
 /// warmed so no variant pays the first read.
-pub(crate) fn trips(quiver: &Path, data: &Path, n: u64) -> Result<PathBuf> {
+fn trips(quiver: &Path, data: &Path, n: u64) -> Result<PathBuf> {
     let trips_dir = data.join(format!("trips-{n}")).join("trips");
     let complete = trips_dir.with_file_name("complete");
     if !complete.exists() {
@@ -128,7 +144,7 @@ pub(crate) fn trips(quiver: &Path, data: &Path, n: u64) -> Result<PathBuf> {
 }
 
 /// Builds the release `quiver` binary next to this one and returns its path.
-pub(crate) fn build_quiver() -> Result<PathBuf> {
+fn build_quiver() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let st = Command::new(cargo)
         .args(["build", "--release", "-p", "quiver"])

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,27 +15,20 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::pipeline::{Cgroup, build_quiver, trips};
+use crate::pipeline::{Cgroup, Input};
 use crate::proc::machine;
 
 /// Options of `sharing`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Trips in the input.
-    #[arg(long, default_value_t = 10_000_000)]
-    trips: u64,
+    #[command(flatten)]
+    input: Input,
     /// Concurrent DAGs.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     k: Vec<usize>,
     /// Waves per measurement: each submits K runs at once and waits for all of them.
     #[arg(long, default_value_t = 3)]
     waves: usize,
-    /// Where the generated trips are kept between runs.
-    #[arg(long, default_value = "/var/tmp/quiver-bench")]
-    data: PathBuf,
-    /// The quiver binary (default: built here with `cargo build --release -p quiver`).
-    #[arg(long, env = "QUIVER_BIN")]
-    quiver: Option<PathBuf>,
     /// One JSON object per measurement instead of a table.
     #[arg(long)]
     json: bool,
@@ -61,11 +54,7 @@ const SQL: &str = "SELECT pickup_location_id, count(*) AS trips, sum(fare_amount
                    avg(trip_distance) AS dist, sum(tip_amount) AS tips FROM t GROUP BY pickup_location_id";
 
 pub fn run(args: Args) -> Result<()> {
-    let quiver = match &args.quiver {
-        Some(q) => q.clone(),
-        None => build_quiver()?,
-    };
-    let input = trips(&quiver, &args.data, args.trips)?;
+    let (quiver, input) = args.input.prepare()?;
     // Warm the page cache (outside the agents' cgroups) so no measurement pays the first read.
     for e in std::fs::read_dir(&input)? {
         let _ = std::fs::read(e?.path());
@@ -85,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
             println!("{}", serde_json::to_string(r)?);
         }
     } else {
-        print_table(&rows, args.trips, args.waves);
+        print_table(&rows, args.input.trips, args.waves);
     }
     Ok(())
 }
