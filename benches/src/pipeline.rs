@@ -211,14 +211,7 @@ fn run_variant(quiver: &Path, project: &Path, variant: &str, work: &Path, tag: &
     cmd.env("QUIVER_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null());
     let cg = Cgroup::create(tag);
     if let Some(cg) = &cg {
-        let procs = cg.procs.clone();
-        // SAFETY: between fork and exec only open/write/close of a path prepared beforehand.
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0")?;
-                Ok(())
-            })
-        };
+        cg.enter_on_exec(&mut cmd);
     }
     let t0 = now_ns();
     let out = cmd.output().context("running quiver")?;
@@ -405,6 +398,18 @@ pub(crate) struct Cgroup {
 }
 
 impl Cgroup {
+    /// Makes `cmd`'s process start in this cgroup.
+    pub(crate) fn enter_on_exec(&self, cmd: &mut Command) {
+        let procs = self.procs.clone();
+        // SAFETY: between fork and exec only open/write/close of a path prepared beforehand.
+        unsafe {
+            cmd.pre_exec(move || {
+                std::fs::write(&procs, b"0")?;
+                Ok(())
+            })
+        };
+    }
+
     pub(crate) fn create(tag: &str) -> Option<Cgroup> {
         let name = format!("quiver-bench-{}-{tag}", std::process::id());
         let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");

@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,14 +92,7 @@ fn measure(quiver: &Path, input: &Path, variant: &'static str, k: usize, waves: 
     cmd.arg("agent").arg("--config").arg(&cfg).arg("--socket").arg(&sock).arg("--warehouse").arg(work.path().join("wh"));
     cmd.env("QUIVER_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit());
     if let Some(cg) = &cg {
-        let procs = cg.procs.clone();
-        // SAFETY: between fork and exec only open/write/close of a path prepared beforehand.
-        unsafe {
-            cmd.pre_exec(move || {
-                std::fs::write(&procs, b"0")?;
-                Ok(())
-            })
-        };
+        cg.enter_on_exec(&mut cmd);
     }
     let agent = Agent(cmd.spawn().context("starting quiver agent")?);
     let t0 = Instant::now();
