@@ -340,16 +340,14 @@ impl Agent {
                 None
             }
         };
-        let sandbox = match crate::launch::Setup::worker_sandbox(&config.python) {
-            Ok(_) if !config.sandbox_workers => {
-                tracing::warn!("sandbox_workers = false: native workers keep the host's root and run as root");
-                None
-            }
-            Ok(s) => s,
-            Err(e) => {
+        let sandbox = if config.sandbox_workers {
+            crate::launch::Setup::worker_sandbox(&config.python).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "native workers cannot enter the sandbox: they keep the host's root and user");
                 None
-            }
+            })
+        } else {
+            tracing::warn!("sandbox_workers = false: native workers keep the host's root and user");
+            None
         };
         Arc::new(Agent {
             slots: crate::slots::Slots::new(config.max_parallel),

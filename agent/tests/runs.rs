@@ -290,6 +290,9 @@ fn workers_run_without_new_privileges_under_the_seccomp_filter() {
     }
     if nix::unistd::Uid::effective().is_root() {
         assert_eq!(uid(), ["65534"; 4], "the worker runs as nobody (real, effective, saved, fs)");
+    } else {
+        assert!(!common::in_ci(), "the uid drop needs a root agent (CI=true: failing instead of skipping)");
+        eprintln!("SKIP the workers' uid drop: needs root");
     }
     assert_eq!(a.call("POST", &format!("/v1/runs/{}/cancel", sub["id"].as_str().expect("id")), None).0, 202);
     let v = a.run(&json!({"nodes": [{"name": "t", "kind": "scan", "path": trips_path(), "columns": ["trip_id"]},
